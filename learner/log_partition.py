@@ -1,0 +1,86 @@
+"""log Z(x), the learned log-partition function of trajectory balance, in its three forms.
+
+- `LogZHead`: an MLP on the policy's own mean-pooled prompt hidden states (FlowRL / PowerFlow). Gradients flow
+  into the policy, as in those papers. PowerFlow shifts its output by -offset * (alpha - 1) so the first
+  residuals are near zero.
+- `ZPhi`: PACED-RL's 3-layer MLP on *frozen reference-model* prompt embeddings, so any candidate prompt can be
+  scored without a rollout or a policy forward pass; beta * log Z_phi(x) estimates the accuracy on x.
+- `vargrad_log_z`: no parameters, the detached per-group mean of log R - log pi (needs >= 2 samples per prompt).
+
+Heads are separate modules from the policy: they get their own optimizer parameter group, are saved with the
+learner checkpoint, and are never part of the weights published to rollout engines.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from learner.logprobs import at_least_f32
+
+
+class LogZHead(nn.Module):
+    """[Linear -> GELU -> LayerNorm] x 2 -> Linear on the mean of the prompt tokens' last hidden states."""
+
+    def __init__(self, hidden_size: int, *, offset: float = 0.0, clamp: float = 20.0) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size),
+            nn.GELU(),
+            nn.LayerNorm(hidden_size),
+            nn.Linear(hidden_size, hidden_size),
+            nn.GELU(),
+            nn.LayerNorm(hidden_size),
+            nn.Linear(hidden_size, 1),
+        )
+        nn.init.zeros_(self.mlp[-1].weight)  # start at log Z = -offset for every prompt
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.offset = offset
+        self.clamp = clamp
+
+    def forward(self, hidden_BTH: Tensor, prompt_mask_BT: Tensor) -> Tensor:
+        mask = prompt_mask_BT.to(hidden_BTH.dtype).unsqueeze(-1)
+        pooled_BH = (hidden_BTH * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return clamp_straight_through(self.mlp(pooled_BH).squeeze(-1) - self.offset, self.clamp)
+
+
+class ZPhi(nn.Module):
+    """PACED-RL's Z_phi: a 3-layer MLP from a frozen prompt embedding to log Z."""
+
+    def __init__(self, embed_dim: int, hidden: int = 256, *, clamp: float = 20.0) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1)
+        )
+        self.clamp = clamp
+
+    def forward(self, embedding_BE: Tensor) -> Tensor:
+        return clamp_straight_through(self.mlp(embedding_BE).squeeze(-1), self.clamp)
+
+
+def clamp_straight_through(x: Tensor, bound: float) -> Tensor:
+    """Clamp the value to [-bound, bound] but keep the identity gradient.
+
+    A plain clamp has zero gradient outside the bounds, so a head that overshoots (log Z_phi = E[r]/beta is
+    17.4 for an 87%-accurate prompt at beta = 0.05, close to the bound 20) would stay stuck there for good.
+    """
+    return x + (x.clamp(-bound, bound) - x).detach()
+
+
+def vargrad_log_z(log_reward_B: Tensor, logp_sum_B: Tensor, group_B: Tensor) -> Tensor:
+    """Detached per-group mean of (log R - log pi), broadcast back to every sample of the group."""
+    residual_B = at_least_f32((log_reward_B - logp_sum_B).detach())
+    num_groups = int(group_B.max()) + 1 if group_B.numel() else 0
+    sums = torch.zeros(num_groups, dtype=residual_B.dtype, device=residual_B.device).index_add_(0, group_B, residual_B)
+    counts = torch.zeros_like(sums).index_add_(0, group_B, torch.ones_like(residual_B))
+    return (sums / counts.clamp_min(1.0))[group_B]
+
+
+def accuracy_estimate(log_z_B: Tensor, beta: float) -> Tensor:
+    """PACED-RL's a(x) = clip(beta * log Z_phi(x), 0, 1): the squared-TB optimum of log Z is E[r]/beta."""
+    return (beta * at_least_f32(log_z_B.detach())).clamp(0.0, 1.0)
+
+
+def replay_priority(num_correct_B: Tensor, group_size: int, acc_estimate_B: Tensor) -> Tensor:
+    """e(x) = |N_correct(x)/G - a(x)|: how wrong the accuracy estimate was on the group just rolled out."""
+    return (at_least_f32(num_correct_B) / group_size - at_least_f32(acc_estimate_B)).abs()

@@ -1,0 +1,59 @@
+"""Per-token log-probs of response tokens under a causal LM: the one function every objective and scorer uses.
+
+A batch is right-padded rows of `prompt + response`; `response_mask_BT` marks the response tokens (EOS
+included). `token_logprobs` returns logp_BT[b, t] = log p(input_ids[b, t] | input_ids[b, :t]) at response
+positions and exactly 0 elsewhere, always in float32 even when the model runs in bf16, so sums over long
+responses do not lose precision. It can also return the last hidden states, which the log Z head pools over
+the prompt tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def token_logprobs(
+    model: Any,
+    input_ids_BT: Tensor,
+    attention_mask_BT: Tensor,
+    response_mask_BT: Tensor,
+    *,
+    return_hidden: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """(logp_BT, last_hidden_BTH or None). `model` is any callable with the transformers causal-LM signature."""
+    if input_ids_BT.shape != response_mask_BT.shape or input_ids_BT.shape != attention_mask_BT.shape:
+        raise ValueError(
+            f"input_ids {tuple(input_ids_BT.shape)}, attention_mask {tuple(attention_mask_BT.shape)} and "
+            f"response_mask {tuple(response_mask_BT.shape)} must have the same shape"
+        )
+    if bool(response_mask_BT[:, 0].any()):
+        raise ValueError("response_mask marks position 0, which has no preceding token to predict it from")
+    out = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, output_hidden_states=return_hidden)
+    logits_BTV = at_least_f32(out.logits[:, :-1])
+    targets_BT = input_ids_BT[:, 1:]
+    # log_softmax via logsumexp avoids materialising a second (B, T, V) tensor.
+    picked_BT = logits_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1) - logits_BTV.logsumexp(-1)
+    mask_BT = response_mask_BT[:, 1:].to(picked_BT.dtype)
+    logp_BT = torch.zeros(input_ids_BT.shape, dtype=picked_BT.dtype, device=picked_BT.device)
+    logp_BT[:, 1:] = torch.where(mask_BT > 0, picked_BT, torch.zeros_like(picked_BT))
+    hidden = out.hidden_states[-1] if return_hidden else None
+    return logp_BT, hidden
+
+
+def sequence_logprobs(model: Any, input_ids_BT: Tensor, attention_mask_BT: Tensor, response_mask_BT: Tensor) -> Tensor:
+    """Sum over response tokens: log pi(y | x) for every row, float32."""
+    return token_logprobs(model, input_ids_BT, attention_mask_BT, response_mask_BT)[0].sum(-1)
+
+
+def at_least_f32(x: Tensor) -> Tensor:
+    """bf16/fp16 -> float32 for sums and exps; float64 stays float64 (finite-difference tests use it)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def masked_mean(values_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """Row means over masked positions; 0 (not NaN) for a row with no positions."""
+    mask = mask_BT.to(values_BT.dtype)
+    return (values_BT * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
