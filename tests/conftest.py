@@ -33,3 +33,12 @@ def gsm8k_dir() -> Path:
     path = SHARED / "data" / "gsm8k"
     assert (path / "train.jsonl").is_file(), f"GSM8K must be in {path} (shared/ beside the repository)"
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_server():  # -> cluster.services.Service
+    """One real redis-server for the session, on a free localhost port, stopped by PID at the end."""
+    from cluster.services import start_redis
+
+    with start_redis() as server:
+        yield server

@@ -1,0 +1,244 @@
+"""In-process replay store: the embedded default on one machine (wrapped in a Ray actor when actors and learner
+are separate processes). Payloads are kept encoded, exactly as Redis keeps them, so both backends decode,
+validate and quarantine the same way. Index columns live in numpy arrays with swap-remove, so eviction,
+staleness and proportional sampling are vectorised (O(N) numpy per call, microseconds at 100k groups).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from configs.schema import MemoryReplayConfig, ReplayConfig
+from replay.records import PromptStats, RecordError, RolloutGroup, SampledBatch, decode_group, encode_group
+from replay.store import (
+    STAT_FIELDS,
+    ReplayStats,
+    importance_weights,
+    prepare_inserts,
+    sampling_weight,
+    split_batch,
+)
+
+_DEDUPE_WINDOW = 1_000_000  # group ids remembered for idempotent retries
+
+
+class MemoryStore:
+    def __init__(self, cfg: ReplayConfig | None = None) -> None:
+        self.cfg = cfg or MemoryReplayConfig()
+        self._lock = threading.Lock()  # a Ray actor may serve writers and the learner concurrently
+        self._payloads: dict[str, bytes] = {}
+        self._keys: list[str] = []
+        self._row: dict[str, int] = {}
+        cap = 1024
+        self._priority = np.zeros(cap)
+        self._version = np.zeros(cap, dtype=np.int64)
+        self._seq = np.zeros(cap, dtype=np.int64)
+        self._times_sampled = np.zeros(cap, dtype=np.int64)
+        self._next_seq = 0
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._version_now = 0
+        self._counts = dict.fromkeys(STAT_FIELDS, 0)
+        self._prompt_correct: dict[str, float] = {}
+        self._prompt_total: dict[str, int] = {}
+        self._prompt_estimate: dict[str, float] = {}
+        self.quarantine: list[bytes] = []
+
+    # ----------------------------------------------------------------------------------------- writing
+    def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float]) -> list[str]:
+        kept, filtered = prepare_inserts(groups, priorities, self.cfg)
+        with self._lock:
+            for group in groups:
+                self._prompt_correct[group.prompt_id] = (
+                    self._prompt_correct.get(group.prompt_id, 0.0) + group.num_correct
+                )
+                self._prompt_total[group.prompt_id] = self._prompt_total.get(group.prompt_id, 0) + group.size
+            self._counts["filtered"] += filtered
+            keys = []
+            for group, priority in kept:
+                if group.group_id in self._seen:
+                    self._counts["duplicates"] += 1
+                    continue
+                self._remember(group.group_id)
+                self._insert(group.group_id, encode_group(group), priority, group.policy_version)
+                keys.append(group.group_id)
+            self._counts["inserted"] += len(keys)
+            self._evict_over_capacity()
+            return [k for k in keys if k in self._row]
+
+    def add_encoded(self, key: str, payload: bytes, priority: float, policy_version: int) -> None:
+        """Insert an already-encoded payload as is (used to prove that corrupt payloads are quarantined)."""
+        with self._lock:
+            self._insert(key, payload, priority, policy_version)
+
+    def _remember(self, key: str) -> None:
+        self._seen[key] = None
+        if len(self._seen) > _DEDUPE_WINDOW:
+            self._seen.popitem(last=False)
+
+    def _insert(self, key: str, payload: bytes, priority: float, version: int) -> None:
+        if key in self._row:
+            return
+        n = len(self._keys)
+        if n == len(self._priority):
+            for name in ("_priority", "_version", "_seq", "_times_sampled"):
+                old = getattr(self, name)
+                setattr(self, name, np.concatenate([old, np.zeros_like(old)]))
+        self._keys.append(key)
+        self._row[key] = n
+        self._payloads[key] = payload
+        self._priority[n] = priority
+        self._version[n] = version
+        self._seq[n] = self._next_seq
+        self._times_sampled[n] = 0
+        self._next_seq += 1
+
+    def _remove_rows(self, rows: Sequence[int]) -> None:
+        for row in sorted(set(rows), reverse=True):  # highest first, so swaps never move a row still to remove
+            key, last = self._keys[row], len(self._keys) - 1
+            if row != last:
+                moved = self._keys[last]
+                self._keys[row] = moved
+                self._row[moved] = row
+                for arr in (self._priority, self._version, self._seq, self._times_sampled):
+                    arr[row] = arr[last]
+            self._keys.pop()
+            del self._row[key]
+            del self._payloads[key]
+
+    def _evict_over_capacity(self) -> None:
+        excess = len(self._keys) - self.cfg.capacity
+        if excess <= 0:
+            return
+        n = len(self._keys)
+        column = self._priority[:n] if self.cfg.eviction == "lowest_priority" else self._seq[:n]
+        # Ties in priority go to the oldest: sort by (column, seq).
+        order = np.lexsort((self._seq[:n], column))
+        self._remove_rows(order[:excess].tolist())
+        self._counts["evicted_capacity"] += excess
+
+    def _evict_stale(self) -> None:
+        n = len(self._keys)
+        stale = np.nonzero(self._version_now - self._version[:n] > self.cfg.max_policy_lag)[0]
+        if len(stale):
+            self._remove_rows(stale.tolist())
+            self._counts["evicted_stale"] += len(stale)
+
+    def update_priorities(self, keys: Sequence[str], priorities: Sequence[float]) -> None:
+        with self._lock:
+            for key, priority in zip(keys, priorities, strict=True):
+                row = self._row.get(key)
+                if row is not None:  # evicted since it was sampled: nothing to update
+                    self._priority[row] = priority
+
+    def set_policy_version(self, version: int) -> None:
+        with self._lock:
+            self._version_now = version
+            self._evict_stale()
+
+    def policy_version(self) -> int:
+        return self._version_now
+
+    def put_acc_estimates(self, estimates: Mapping[str, float]) -> None:
+        with self._lock:
+            self._prompt_estimate.update({k: float(v) for k, v in estimates.items()})
+
+    # ----------------------------------------------------------------------------------------- reading
+    def sample(self, num_groups: int, *, seed: int | None = None) -> SampledBatch:
+        n_fresh, n_prio = split_batch(num_groups, self.cfg.fresh_fraction)
+        rng = np.random.default_rng(seed)
+        with self._lock:
+            self._evict_stale()
+            n = len(self._keys)
+            if n == 0:
+                return SampledBatch([], [], [], [], [], [], [])
+            unsampled = np.nonzero(self._times_sampled[:n] == 0)[0]
+            fresh_rows = unsampled[np.argsort(-self._seq[unsampled], kind="stable")][:n_fresh].tolist()
+            n_prio += n_fresh - len(fresh_rows)  # not enough fresh groups: draw the rest by priority
+            weights = sampling_weight(self._priority[:n], self.cfg.priority_exponent)
+            total = weights.sum()
+            prio_rows = rng.choice(n, size=n_prio, p=weights / total).tolist() if n_prio else []
+            rows = fresh_rows + prio_rows
+            probabilities = [1.0] * len(fresh_rows) + [float(weights[r] / total) for r in prio_rows]
+            picked = [(self._keys[r], self._payloads[self._keys[r]], float(self._priority[r])) for r in rows]
+            for r in rows:
+                self._times_sampled[r] += 1
+            times = [int(self._times_sampled[r]) for r in rows]
+        return self._decode(picked, probabilities, times, len(fresh_rows), n)
+
+    def _decode(
+        self,
+        picked: list[tuple[str, bytes, float]],
+        probabilities: list[float],
+        times: list[int],
+        n_fresh: int,
+        size: int,
+    ) -> SampledBatch:
+        batch = SampledBatch([], [], [], [], [], [], [])
+        kept_probabilities = []
+        for i, (key, payload, priority) in enumerate(picked):
+            try:
+                group = decode_group(payload)
+            except RecordError:
+                self._quarantine(key)
+                batch.skipped_corrupt += 1
+                continue
+            batch.groups.append(group)
+            batch.keys.append(key)
+            batch.priorities.append(priority)
+            kept_probabilities.append(probabilities[i])
+            batch.fresh.append(i < n_fresh)
+            batch.times_sampled.append(times[i])
+        batch.probabilities = kept_probabilities
+        batch.is_weights = importance_weights(kept_probabilities, size)
+        with self._lock:
+            self._counts["sampled"] += len(batch.groups)
+        return batch
+
+    def _quarantine(self, key: str) -> None:
+        with self._lock:
+            row = self._row.get(key)
+            if row is None:
+                return
+            self.quarantine.append(self._payloads[key])
+            self._remove_rows([row])
+            self._counts["corrupt"] += 1
+
+    def prompt_stats(self, prompt_ids: Sequence[str]) -> list[PromptStats]:
+        with self._lock:
+            return [
+                PromptStats(
+                    prompt_id=pid,
+                    num_correct=self._prompt_correct.get(pid, 0.0),
+                    num_samples=self._prompt_total.get(pid, 0),
+                    acc_estimate=self._prompt_estimate.get(pid),
+                )
+                for pid in prompt_ids
+            ]
+
+    def stats(self) -> ReplayStats:
+        with self._lock:
+            n = len(self._keys)
+            return ReplayStats(
+                size=n,
+                fresh=int((self._times_sampled[:n] == 0).sum()),
+                policy_version=self._version_now,
+                **self._counts,
+            )
+
+    def quarantined(self) -> list[bytes]:
+        with self._lock:
+            return list(self.quarantine)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def close(self) -> None:
+        pass

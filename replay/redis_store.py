@@ -1,0 +1,413 @@
+"""Redis-backed replay store for clusters: the same semantics as `MemoryStore` (see replay/store.py).
+
+Layout under the prefix `P = <key_prefix>:<run name>` (one run per prefix, so several runs share a server):
+
+    P:g:<key>    payload (msgpack + raw numpy buffers; never pickle)
+    P:prio       ZSET key -> priority          (lowest-priority eviction)
+    P:order      ZSET key -> insertion seq     (oldest eviction)
+    P:ver        ZSET key -> policy version    (staleness eviction)
+    P:fresh      ZSET key -> seq               (never sampled yet)
+    P:q, P:qb    HASH key -> sampling weight q = max(priority, 1e-6)^a, and its bucket b = ceil(log2 q)
+    P:b:<b>      SET of keys whose q lies in (2^(b-1), 2^b];  P:bc  HASH b -> count;  P:qsum  sum of q
+    P:ns         HASH key -> times sampled;     P:stats  HASH counters;   P:version  learner's weight version
+    P:pc, P:pt, P:pe   HASH prompt -> correct count, samples, accuracy estimate
+    P:seen:<key> dedupe marker (expires), so a writer's retry never inserts a group twice
+    P:quarantine LIST of payloads that failed to decode (capped)
+
+Every mutation is one Lua script, so inserts, eviction and sampling are atomic. Proportional sampling is exact:
+pick a bucket with probability proportional to count_b * 2^b, a member uniformly (SRANDMEMBER), and accept
+with probability q / 2^b (always > 1/2); the accepted key has probability q / sum(q). Connections retry with
+exponential backoff; scripts are re-loaded after a server restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from configs.schema import RedisReplayConfig
+from replay.records import PromptStats, RecordError, RolloutGroup, SampledBatch, decode_group, encode_group
+from replay.store import (
+    STAT_FIELDS,
+    ReplayStats,
+    importance_weights,
+    prepare_inserts,
+    sampling_weight,
+    split_batch,
+)
+
+DEDUPE_TTL_S = 24 * 3600
+QUARANTINE_MAX = 1000
+
+_LUA_COMMON = r"""
+local P = KEYS[1]
+local function bucket_of(q)
+  local b = math.ceil(math.log(q) / math.log(2))
+  if q > 2 ^ b then b = b + 1 end
+  if q <= 2 ^ (b - 1) then b = b - 1 end
+  return b
+end
+local function index_add(key, q)
+  local b = bucket_of(q)
+  redis.call('SADD', P .. ':b:' .. b, key)
+  redis.call('HINCRBY', P .. ':bc', b, 1)
+  redis.call('HSET', P .. ':q', key, string.format('%.17g', q))
+  redis.call('HSET', P .. ':qb', key, b)
+  redis.call('INCRBYFLOAT', P .. ':qsum', string.format('%.17g', q))
+end
+local function index_remove(key)
+  local q = redis.call('HGET', P .. ':q', key)
+  if not q then return end
+  local b = redis.call('HGET', P .. ':qb', key)
+  redis.call('SREM', P .. ':b:' .. b, key)
+  if redis.call('HINCRBY', P .. ':bc', b, -1) <= 0 then redis.call('HDEL', P .. ':bc', b) end
+  redis.call('HDEL', P .. ':q', key)
+  redis.call('HDEL', P .. ':qb', key)
+  if redis.call('HLEN', P .. ':q') == 0 then
+    redis.call('SET', P .. ':qsum', '0')
+  else
+    redis.call('INCRBYFLOAT', P .. ':qsum', '-' .. q)
+  end
+end
+local function remove(key)
+  index_remove(key)
+  redis.call('DEL', P .. ':g:' .. key)
+  redis.call('ZREM', P .. ':prio', key)
+  redis.call('ZREM', P .. ':order', key)
+  redis.call('ZREM', P .. ':ver', key)
+  redis.call('ZREM', P .. ':fresh', key)
+  redis.call('HDEL', P .. ':ns', key)
+end
+local function evict_stale(max_lag)
+  local v = tonumber(redis.call('GET', P .. ':version') or '0')
+  local stale = redis.call('ZRANGEBYSCORE', P .. ':ver', '-inf', '(' .. (v - max_lag))
+  for _, key in ipairs(stale) do remove(key) end
+  if #stale > 0 then redis.call('HINCRBY', P .. ':stats', 'evicted_stale', #stale) end
+end
+"""
+
+# ARGV: capacity, eviction, dedupe_ttl, n_groups, n_offered, then n_groups x (key, payload, priority, q, version),
+# then n_offered x (prompt_id, correct, samples). Returns the keys inserted and still present.
+_ADD = (
+    _LUA_COMMON
+    + r"""
+local capacity, eviction, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local n, m = tonumber(ARGV[4]), tonumber(ARGV[5])
+local inserted = {}
+for i = 0, n - 1 do
+  local a = 6 + i * 5
+  local key = ARGV[a]
+  if redis.call('SET', P .. ':seen:' .. key, '1', 'NX', 'EX', ttl) then
+    local seq = redis.call('INCR', P .. ':seq')
+    redis.call('SET', P .. ':g:' .. key, ARGV[a + 1])
+    redis.call('ZADD', P .. ':prio', ARGV[a + 2], key)
+    redis.call('ZADD', P .. ':order', seq, key)
+    redis.call('ZADD', P .. ':ver', ARGV[a + 4], key)
+    redis.call('ZADD', P .. ':fresh', seq, key)
+    redis.call('HSET', P .. ':ns', key, 0)
+    index_add(key, tonumber(ARGV[a + 3]))
+    inserted[#inserted + 1] = key
+  else
+    redis.call('HINCRBY', P .. ':stats', 'duplicates', 1)
+  end
+end
+redis.call('HINCRBY', P .. ':stats', 'inserted', #inserted)
+for j = 0, m - 1 do
+  local a = 6 + n * 5 + j * 3
+  redis.call('HINCRBYFLOAT', P .. ':pc', ARGV[a], ARGV[a + 1])
+  redis.call('HINCRBY', P .. ':pt', ARGV[a], ARGV[a + 2])
+end
+local excess = redis.call('ZCARD', P .. ':prio') - capacity
+if excess > 0 then
+  local index = eviction == 'oldest' and ':order' or ':prio'
+  local victims = redis.call('ZRANGE', P .. index, 0, excess - 1)
+  for _, key in ipairs(victims) do remove(key) end
+  redis.call('HINCRBY', P .. ':stats', 'evicted_capacity', #victims)
+end
+local present = {}
+for _, key in ipairs(inserted) do
+  if redis.call('EXISTS', P .. ':g:' .. key) == 1 then present[#present + 1] = key end
+end
+return present
+"""
+)
+
+# ARGV: n_fresh, n_prio, seed, max_lag. Returns a flat list of (key, priority, probability, times, fresh).
+# Payloads are fetched with one MGET afterwards: moving megabytes through Lua strings costs 7x more.
+_SAMPLE = (
+    _LUA_COMMON
+    + r"""
+local n_fresh, n_prio, seed, max_lag = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+math.randomseed(seed)
+evict_stale(max_lag)
+if redis.call('ZCARD', P .. ':prio') == 0 then return {} end
+local chosen = {}
+if n_fresh > 0 then chosen = redis.call('ZREVRANGE', P .. ':fresh', 0, n_fresh - 1) end
+local n_chosen_fresh = #chosen
+n_prio = n_prio + n_fresh - n_chosen_fresh
+local buckets, weights, total = {}, {}, 0
+local bc = redis.call('HGETALL', P .. ':bc')
+for i = 1, #bc, 2 do
+  local b, c = tonumber(bc[i]), tonumber(bc[i + 1])
+  buckets[#buckets + 1] = b
+  weights[#weights + 1] = c * 2 ^ b
+  total = total + c * 2 ^ b
+end
+local qsum = tonumber(redis.call('GET', P .. ':qsum'))
+local probs = {}
+for _ = 1, n_prio do
+  for _ = 1, 200 do
+    local r, i = math.random() * total, 1
+    while i < #buckets and r >= weights[i] do r = r - weights[i]; i = i + 1 end
+    local key = redis.call('SRANDMEMBER', P .. ':b:' .. buckets[i])
+    local q = tonumber(redis.call('HGET', P .. ':q', key))
+    if math.random() * 2 ^ buckets[i] < q then
+      chosen[#chosen + 1] = key
+      probs[#chosen] = q / qsum
+      break
+    end
+  end
+end
+local out = {}
+for i, key in ipairs(chosen) do
+  local fresh = i <= n_chosen_fresh
+  redis.call('ZREM', P .. ':fresh', key)  -- sampled once, no longer fresh
+  local times = redis.call('HINCRBY', P .. ':ns', key, 1)
+  out[#out + 1] = key
+  out[#out + 1] = redis.call('ZSCORE', P .. ':prio', key)
+  out[#out + 1] = fresh and '1' or string.format('%.17g', probs[i])
+  out[#out + 1] = times
+  out[#out + 1] = fresh and 1 or 0
+end
+return out
+"""
+)
+
+# ARGV: n, then n x (key, priority, q)
+_UPDATE = (
+    _LUA_COMMON
+    + r"""
+local n = tonumber(ARGV[1])
+for i = 0, n - 1 do
+  local key = ARGV[2 + i * 3]
+  if redis.call('ZSCORE', P .. ':prio', key) then
+    redis.call('ZADD', P .. ':prio', ARGV[3 + i * 3], key)
+    index_remove(key)
+    index_add(key, tonumber(ARGV[4 + i * 3]))
+  end
+end
+return n
+"""
+)
+
+# ARGV: version, max_lag
+_SET_VERSION = (
+    _LUA_COMMON
+    + r"""
+redis.call('SET', P .. ':version', ARGV[1])
+evict_stale(tonumber(ARGV[2]))
+return 1
+"""
+)
+
+# ARGV: key, max quarantine length
+_QUARANTINE = (
+    _LUA_COMMON
+    + r"""
+local payload = redis.call('GET', P .. ':g:' .. ARGV[1])
+if not payload then return 0 end
+redis.call('LPUSH', P .. ':quarantine', payload)
+redis.call('LTRIM', P .. ':quarantine', 0, tonumber(ARGV[2]) - 1)
+remove(ARGV[1])
+redis.call('HINCRBY', P .. ':stats', 'corrupt', 1)
+return 1
+"""
+)
+
+
+def connect(cfg: RedisReplayConfig) -> redis.Redis:
+    """A client with password and TLS from the config that retries with exponential backoff on connection
+    errors. Credentials and reachability are checked once up front, so a wrong password or address fails at
+    once with an error naming the field instead of being retried for a minute."""
+    password = cfg.password.get_secret_value() if cfg.password is not None else None
+    if cfg.password_file is not None:
+        path = Path(cfg.password_file).expanduser()
+        if not path.is_file():
+            raise ValueError(f"replay.password_file: {str(path)!r} does not exist")
+        password = (path.read_text().splitlines() or [""])[0].strip()
+    common = {
+        "host": cfg.host,
+        "port": cfg.port,
+        "db": cfg.db,
+        "password": password,
+        "ssl": cfg.tls,
+        "ssl_ca_certs": str(cfg.tls_ca_file) if cfg.tls_ca_file else None,
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+    }
+    probe = redis.Redis(**common, retry=Retry(ExponentialBackoff(), retries=0))
+    try:
+        probe.ping()
+    except redis.AuthenticationError as exc:
+        raise ValueError(f"replay.password: Redis at {cfg.host}:{cfg.port} refused the credentials ({exc})") from None
+    except redis.ConnectionError as exc:
+        raise ConnectionError(
+            f"replay.host/replay.port: cannot reach Redis at {cfg.host}:{cfg.port} ({exc}); is redis-server running?"
+        ) from None
+    finally:
+        probe.close()
+    return redis.Redis(
+        **common,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+class RedisStore:
+    def __init__(self, cfg: RedisReplayConfig, *, run_name: str = "run", client: redis.Redis | None = None) -> None:
+        self.cfg = cfg
+        self.prefix = f"{cfg.key_prefix}:{run_name}"
+        self.client = client or connect(cfg)
+        self._add = self.client.register_script(_ADD)
+        self._sample = self.client.register_script(_SAMPLE)
+        self._update = self.client.register_script(_UPDATE)
+        self._set_version = self.client.register_script(_SET_VERSION)
+        self._quarantine = self.client.register_script(_QUARANTINE)
+        self._seed = 0
+
+    def _k(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float]) -> list[str]:
+        kept, filtered = prepare_inserts(groups, priorities, self.cfg)
+        args: list[bytes | str | int | float] = [
+            self.cfg.capacity,
+            self.cfg.eviction,
+            DEDUPE_TTL_S,
+            len(kept),
+            len(groups),
+        ]
+        for group, priority in kept:
+            q = float(sampling_weight(priority, self.cfg.priority_exponent))
+            args += [group.group_id, encode_group(group), repr(priority), repr(q), group.policy_version]
+        for group in groups:
+            args += [group.prompt_id, repr(group.num_correct), group.size]
+        if filtered:
+            self.client.hincrby(self._k("stats"), "filtered", filtered)
+        present = self._add(keys=[self.prefix], args=args)
+        return [k.decode() for k in present]
+
+    def add_encoded(self, key: str, payload: bytes, priority: float, policy_version: int) -> None:
+        """Insert an already-encoded payload as is (used to prove that corrupt payloads are quarantined)."""
+        q = float(sampling_weight(priority, self.cfg.priority_exponent))
+        self._add(
+            keys=[self.prefix],
+            args=[
+                self.cfg.capacity,
+                self.cfg.eviction,
+                DEDUPE_TTL_S,
+                1,
+                0,
+                key,
+                payload,
+                repr(priority),
+                repr(q),
+                policy_version,
+            ],
+        )
+
+    def sample(self, num_groups: int, *, seed: int | None = None) -> SampledBatch:
+        n_fresh, n_prio = split_batch(num_groups, self.cfg.fresh_fraction)
+        if seed is None:
+            self._seed += 1
+            seed = self._seed
+        flat = self._sample(keys=[self.prefix], args=[n_fresh, n_prio, seed, self.cfg.max_policy_lag])
+        rows = [flat[i : i + 5] for i in range(0, len(flat), 5)]
+        payloads = self.client.mget([self._k(f"g:{row[0].decode()}") for row in rows]) if rows else []
+        batch = SampledBatch([], [], [], [], [], [], [])
+        probabilities: list[float] = []
+        for (key, priority, probability, times, fresh), payload in zip(rows, payloads, strict=True):
+            if payload is None:  # evicted by a writer between the draw and the read: nothing to train on
+                continue
+            try:
+                group = decode_group(payload)
+            except RecordError:
+                self._quarantine(keys=[self.prefix], args=[key, QUARANTINE_MAX])
+                batch.skipped_corrupt += 1
+                continue
+            batch.groups.append(group)
+            batch.keys.append(key.decode())
+            batch.priorities.append(float(priority))
+            probabilities.append(float(probability))
+            batch.times_sampled.append(int(times))
+            batch.fresh.append(bool(fresh))
+        batch.probabilities = probabilities
+        batch.is_weights = importance_weights(probabilities, len(self))
+        if batch.groups:
+            self.client.hincrby(self._k("stats"), "sampled", len(batch.groups))
+        return batch
+
+    def update_priorities(self, keys: Sequence[str], priorities: Sequence[float]) -> None:
+        args: list[str | int] = [len(keys)]
+        for key, priority in zip(keys, priorities, strict=True):
+            args += [key, repr(float(priority)), repr(float(sampling_weight(priority, self.cfg.priority_exponent)))]
+        self._update(keys=[self.prefix], args=args)
+
+    def set_policy_version(self, version: int) -> None:
+        self._set_version(keys=[self.prefix], args=[version, self.cfg.max_policy_lag])
+
+    def policy_version(self) -> int:
+        return int(self.client.get(self._k("version")) or 0)
+
+    def put_acc_estimates(self, estimates: Mapping[str, float]) -> None:
+        if estimates:
+            self.client.hset(self._k("pe"), mapping={k: repr(float(v)) for k, v in estimates.items()})
+
+    def prompt_stats(self, prompt_ids: Sequence[str]) -> list[PromptStats]:
+        if not prompt_ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self._k("pc"), list(prompt_ids))
+        pipe.hmget(self._k("pt"), list(prompt_ids))
+        pipe.hmget(self._k("pe"), list(prompt_ids))
+        correct, total, estimate = pipe.execute()
+        return [
+            PromptStats(
+                prompt_id=pid,
+                num_correct=float(c or 0.0),
+                num_samples=int(t or 0),
+                acc_estimate=float(e) if e is not None else None,
+            )
+            for pid, c, t, e in zip(prompt_ids, correct, total, estimate, strict=True)
+        ]
+
+    def stats(self) -> ReplayStats:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zcard(self._k("prio"))
+        pipe.zcard(self._k("fresh"))
+        pipe.get(self._k("version"))
+        pipe.hgetall(self._k("stats"))
+        size, fresh, version, counters = pipe.execute()
+        counts = {name: int(counters.get(name.encode(), 0)) for name in STAT_FIELDS}
+        return ReplayStats(size=size, fresh=fresh, policy_version=int(version or 0), **counts)
+
+    def keys(self) -> list[str]:
+        return [k.decode() for k in self.client.zrange(self._k("order"), 0, -1)]
+
+    def quarantined(self) -> list[bytes]:
+        return list(self.client.lrange(self._k("quarantine"), 0, -1))
+
+    def clear(self) -> None:
+        """Delete every key of this run (the tests' clean slate; never called by training)."""
+        for key in self.client.scan_iter(match=f"{self.prefix}:*", count=1000):
+            self.client.delete(key)
+
+    def __len__(self) -> int:
+        return int(self.client.zcard(self._k("prio")))
+
+    def close(self) -> None:
+        self.client.close()

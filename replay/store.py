@@ -1,0 +1,126 @@
+"""The replay store interface and the rules both backends share.
+
+A store holds rollout groups keyed by their group id, each with a priority (PACED-RL: the accuracy-estimate
+error e(x) = |N_correct/G - a(x)|). Semantics, identical for `MemoryStore` and `RedisStore` (one contract test
+suite runs against both):
+
+- `add(groups, priorities)`: idempotent by group id (a writer that retries after a lost reply never
+  duplicates). With `successful_only`, only responses with reward 1 are kept (a group with none is dropped);
+  with `insert_top_k`, only the k highest-priority groups of the call enter. Per-prompt accuracy statistics are
+  counted from every group offered, before those filters. Over `capacity`, the lowest-priority or the oldest
+  groups are evicted, as configured.
+- `sample(n)`: first up to round(fresh_fraction * n) *fresh* groups (never sampled yet, newest first), the rest
+  drawn with replacement with probability proportional to max(priority, 1e-6) ** priority_exponent. Each draw
+  reports its probability and importance weight (N * P)^-1 normalised to a batch maximum of 1. Groups older than
+  `max_policy_lag` weight versions are evicted first. A payload that fails to decode is counted, moved to
+  quarantine and skipped; it never reaches the learner and never crashes the reader.
+- `set_policy_version(v)` records the learner's newest weight version (and evicts stale groups).
+- `put_acc_estimates` / `prompt_stats`: the learner's a(x) and the empirical accuracy, per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from configs.schema import ReplayConfig
+from replay.records import PromptStats, RolloutGroup, SampledBatch
+
+MIN_PRIORITY = 1e-6
+"""Priorities are floored here before the exponent, so a perfectly estimated prompt can still be replayed."""
+
+
+@dataclass(frozen=True)
+class ReplayStats:
+    size: int
+    fresh: int
+    policy_version: int
+    inserted: int
+    duplicates: int
+    filtered: int
+    sampled: int
+    evicted_capacity: int
+    evicted_stale: int
+    corrupt: int
+
+
+STAT_FIELDS = ("inserted", "duplicates", "filtered", "sampled", "evicted_capacity", "evicted_stale", "corrupt")
+
+
+class ReplayStore(Protocol):
+    def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float]) -> list[str]:
+        """Insert groups; returns the keys that entered the store."""
+        ...
+
+    def sample(self, num_groups: int, *, seed: int | None = None) -> SampledBatch: ...
+
+    def update_priorities(self, keys: Sequence[str], priorities: Sequence[float]) -> None: ...
+
+    def set_policy_version(self, version: int) -> None: ...
+
+    def policy_version(self) -> int: ...
+
+    def put_acc_estimates(self, estimates: Mapping[str, float]) -> None: ...
+
+    def prompt_stats(self, prompt_ids: Sequence[str]) -> list[PromptStats]: ...
+
+    def stats(self) -> ReplayStats: ...
+
+    def __len__(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def sampling_weight(priorities: np.ndarray | float, exponent: float) -> np.ndarray:
+    return np.power(np.maximum(np.asarray(priorities, dtype=np.float64), MIN_PRIORITY), exponent)
+
+
+def prepare_inserts(
+    groups: Sequence[RolloutGroup], priorities: Sequence[float], cfg: ReplayConfig
+) -> tuple[list[tuple[RolloutGroup, float]], int]:
+    """Apply `successful_only` and `insert_top_k`. Returns (groups that enter with their priorities, filtered)."""
+    if len(groups) != len(priorities):
+        raise ValueError(f"add: {len(groups)} groups but {len(priorities)} priorities")
+    bad = [p for p in priorities if not np.isfinite(p) or p < 0]
+    if bad:
+        raise ValueError(f"add: priorities must be finite and >= 0, got {bad[0]}")
+    kept: list[tuple[RolloutGroup, float]] = []
+    for group, priority in zip(groups, priorities, strict=True):
+        if cfg.successful_only:
+            winners = [i for i, r in enumerate(group.rewards.tolist()) if r == 1.0]
+            if not winners:
+                continue
+            group = group.select(winners) if len(winners) < group.size else group
+        kept.append((group, float(priority)))
+    if cfg.insert_top_k is not None and len(kept) > cfg.insert_top_k:
+        kept = sorted(kept, key=lambda gp: -gp[1])[: cfg.insert_top_k]
+    return kept, len(groups) - len(kept)
+
+
+def importance_weights(probabilities: Sequence[float], size: int) -> list[float]:
+    """(N * P)^-1 normalised to max 1 over the batch; fresh draws (P = 1) count as weight 1."""
+    raw = [1.0 if p >= 1.0 else 1.0 / max(size * p, 1e-12) for p in probabilities]
+    top = max((w for w, p in zip(raw, probabilities, strict=True) if p < 1.0), default=1.0)
+    return [w / top if p < 1.0 else 1.0 for w, p in zip(raw, probabilities, strict=True)]
+
+
+def split_batch(num_groups: int, fresh_fraction: float) -> tuple[int, int]:
+    """(fresh, prioritised) counts for a batch of num_groups."""
+    if num_groups < 1:
+        raise ValueError(f"sample: num_groups must be >= 1, got {num_groups}")
+    fresh = round(fresh_fraction * num_groups)
+    return fresh, num_groups - fresh
+
+
+def build_store(cfg: ReplayConfig, *, run_name: str = "run") -> ReplayStore:
+    """The configured backend. Redis keys are prefixed with replay.key_prefix and the run name."""
+    if cfg.kind == "redis":
+        from replay.redis_store import RedisStore
+
+        return RedisStore(cfg, run_name=run_name)
+    from replay.memory_store import MemoryStore
+
+    return MemoryStore(cfg)

@@ -1,0 +1,337 @@
+"""One behavioural suite, run against the in-process store and against a real redis-server."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cluster.services import Service, free_port, start_redis
+from configs.schema import MemoryReplayConfig, RedisReplayConfig
+from replay.memory_store import MemoryStore
+from replay.records import RolloutGroup
+from replay.redis_store import RedisStore
+from replay.store import ReplayStore, build_store
+
+BACKENDS = ["memory", "redis"]
+
+
+def group(prompt: str = "p0", *, version: int = 0, rewards: tuple[float, ...] = (1.0, 0.0)) -> RolloutGroup:
+    return RolloutGroup.new(
+        prompt_id=prompt,
+        prompt_token_ids=[1, 2],
+        responses=[[3, 4, 2]] * len(rewards),
+        behaviour_logprobs=[[-0.1, -0.2, -0.3]] * len(rewards),
+        rewards=list(rewards),
+        policy_version=version,
+        actor_id="test",
+    )
+
+
+@pytest.fixture(params=BACKENDS)
+def make_store(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A factory: make_store(**replay_options) -> a fresh, empty store of the parametrised backend."""
+    made: list[Any] = []
+
+    def make(**options: Any) -> Any:
+        if request.param == "memory":
+            store: Any = MemoryStore(MemoryReplayConfig(**options))
+        else:
+            server = request.getfixturevalue("redis_server")
+            cfg = RedisReplayConfig(port=server.port, **options)
+            store = build_store(cfg, run_name=f"test-{uuid.uuid4().hex[:8]}")
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        if isinstance(store, RedisStore):
+            store.clear()
+        store.close()
+
+
+def test_groups_come_back_exactly_as_added(make_store: Any) -> None:
+    store: ReplayStore = make_store(fresh_fraction=1.0)
+    groups = [group(f"p{i}") for i in range(4)]
+    assert store.add(groups, [0.5] * 4) == [g.group_id for g in groups]
+    assert len(store) == 4
+    batch = store.sample(4)
+    assert sorted(g.group_id for g in batch.groups) == sorted(g.group_id for g in groups)
+    by_id = {g.group_id: g for g in groups}
+    assert all(g == by_id[g.group_id] for g in batch.groups)
+    assert batch.fresh == [True] * 4 and batch.is_weights == [1.0] * 4 and batch.times_sampled == [1] * 4
+
+
+def test_adding_the_same_group_twice_keeps_one_copy(make_store: Any) -> None:
+    store = make_store()
+    g = group()
+    store.add([g], [1.0])
+    assert store.add([g], [1.0]) == []
+    assert len(store) == 1
+    assert store.stats().duplicates == 1 and store.stats().inserted == 1
+
+
+def test_sampling_frequencies_follow_priority_to_the_exponent(make_store: Any) -> None:
+    """Chi-square goodness of fit of 20,000 draws against max(p, 1e-6)^a / sum (seeded: deterministic)."""
+    exponent = 0.6
+    store = make_store(fresh_fraction=0.0, priority_exponent=exponent)
+    groups = [group(f"p{i}") for i in range(6)]
+    priorities = [0.0, 0.05, 0.2, 0.4, 0.8, 1.6]
+    store.add(groups, priorities)
+    index = {g.group_id: i for i, g in enumerate(groups)}
+    counts = np.zeros(len(groups))
+    reported: dict[int, float] = {}
+    for seed in range(200):
+        batch = store.sample(100, seed=seed)
+        for key, p in zip(batch.keys, batch.probabilities, strict=True):
+            counts[index[key]] += 1
+            reported[index[key]] = p
+    weights = np.power(np.maximum(priorities, 1e-6), exponent)
+    expected = weights / weights.sum() * counts.sum()
+    chi2 = float((((counts - expected) ** 2) / expected)[1:].sum())  # the p = 0 group has ~0.02 expected draws
+    assert chi2 < 20.5, (counts, expected)  # 99.9% critical value for 4 degrees of freedom is 18.47
+    for i, p in reported.items():
+        assert p == pytest.approx(weights[i] / weights.sum(), rel=1e-6)
+    assert counts[0] <= 8  # expected ~1.5 draws: floored, not zero, so it can still be replayed
+
+
+def test_importance_weights_are_normalised_to_one(make_store: Any) -> None:
+    store = make_store(fresh_fraction=0.0, priority_exponent=1.0)
+    store.add([group("a"), group("b")], [1.0, 3.0])
+    batch = store.sample(64, seed=0)
+    assert max(batch.is_weights) == pytest.approx(1.0)
+    ratio = {p: w for p, w in zip(batch.priorities, batch.is_weights, strict=True)}
+    assert ratio[3.0] == pytest.approx(1 / 3)  # the 3x more likely group weighs 1/3 as much
+
+
+def test_fresh_groups_come_first_newest_first_and_only_once(make_store: Any) -> None:
+    store = make_store(fresh_fraction=0.5, priority_exponent=0.0)
+    groups = [group(f"p{i}") for i in range(6)]
+    for g in groups:
+        store.add([g], [1.0])
+    first = store.sample(4, seed=1)
+    assert first.fresh == [True, True, False, False]
+    assert first.keys[:2] == [groups[5].group_id, groups[4].group_id]
+    second = store.sample(4, seed=2)
+    unsampled_newest_first = [g.group_id for g in reversed(groups) if g.group_id not in first.keys]
+    assert second.keys[:2] == unsampled_newest_first[:2]  # a prioritised draw also uses up freshness
+    never_sampled = {g.group_id for g in groups} - set(first.keys) - set(second.keys)
+    assert store.stats().fresh == len(never_sampled)
+
+
+@pytest.mark.parametrize("eviction", ["lowest_priority", "oldest"])
+def test_capacity_eviction(make_store: Any, eviction: str) -> None:
+    store = make_store(capacity=5, eviction=eviction)
+    groups = [group(f"p{i}") for i in range(8)]
+    priorities = [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4]
+    for g, p in zip(groups, priorities, strict=True):
+        store.add([g], [p])
+    remaining = set(store.keys())
+    if eviction == "oldest":
+        assert remaining == {g.group_id for g in groups[3:]}
+    else:
+        assert remaining == {g.group_id for g, p in zip(groups, priorities, strict=True) if p >= 0.4}
+    assert store.stats().evicted_capacity == 3 and len(store) == 5
+
+
+def test_stale_groups_are_evicted_by_policy_lag(make_store: Any) -> None:
+    store = make_store(max_policy_lag=2, fresh_fraction=0.0)
+    groups = [group(f"p{v}", version=v) for v in range(6)]
+    store.add(groups, [1.0] * 6)
+    store.set_policy_version(5)
+    assert store.policy_version() == 5
+    assert set(store.keys()) == {g.group_id for g in groups[3:]}
+    assert store.stats().evicted_stale == 3
+    batch = store.sample(50, seed=0)
+    assert all(5 - g.policy_version <= 2 for g in batch.groups)
+
+
+def test_updated_priorities_change_what_is_sampled(make_store: Any) -> None:
+    store = make_store(fresh_fraction=0.0, priority_exponent=1.0)
+    a, b = group("a"), group("b")
+    store.add([a, b], [1.0, 1.0])
+    store.update_priorities([b.group_id, "no-such-key"], [1000.0, 5.0])
+    batch = store.sample(200, seed=3)
+    assert Counter(batch.keys)[b.group_id] > 190
+    assert store.sample(1, seed=4).priorities[0] in (1.0, 1000.0)
+
+
+def test_paced_buffer_keeps_top_k_successful_groups(make_store: Any) -> None:
+    store = make_store(successful_only=True, insert_top_k=2, capacity=128, eviction="lowest_priority")
+    offered = [
+        group("a", rewards=(1.0, 0.0, 1.0)),
+        group("b", rewards=(0.0, 0.0, 0.0)),  # no success: dropped
+        group("c", rewards=(1.0, 0.0, 0.0)),
+        group("d", rewards=(1.0, 1.0, 1.0)),
+    ]
+    keys = store.add(offered, [0.9, 0.95, 0.1, 0.5])
+    assert set(keys) == {offered[0].group_id, offered[3].group_id}  # top-2 by error among successful groups
+    batch = store.sample(2, seed=0)
+    assert all(set(g.rewards.tolist()) == {1.0} for g in batch.groups)
+    assert {g.size for g in batch.groups} == {2, 3}
+    assert store.stats().filtered == 2
+
+
+def test_prompt_statistics(make_store: Any) -> None:
+    store = make_store(successful_only=True)
+    store.add(
+        [group("x", rewards=(1.0, 0.0)), group("x", rewards=(1.0, 1.0)), group("y", rewards=(0.0, 0.0))],
+        [0.1, 0.1, 0.1],
+    )
+    store.put_acc_estimates({"x": 0.6})
+    x, y, z = store.prompt_stats(["x", "y", "z"])
+    assert (x.num_correct, x.num_samples, x.acc_estimate) == (3.0, 4, 0.6)
+    assert x.empirical_accuracy == 0.75
+    assert (y.num_correct, y.num_samples, y.acc_estimate) == (0.0, 2, None)
+    assert z.num_samples == 0 and z.empirical_accuracy is None
+
+
+def test_a_corrupt_record_is_skipped_counted_and_quarantined(make_store: Any) -> None:
+    store = make_store(fresh_fraction=1.0)
+    good = group("good")
+    store.add([good], [1.0])
+    store.add_encoded("bad-key", b"\x93\x01\x02\x03 definitely not a group", 1.0, 0)
+    batch = store.sample(2)
+    assert [g.group_id for g in batch.groups] == [good.group_id]
+    assert batch.skipped_corrupt == 1
+    assert store.stats().corrupt == 1
+    assert store.keys() == [good.group_id]
+    assert store.quarantined() == [b"\x93\x01\x02\x03 definitely not a group"]
+
+
+def test_bad_arguments_are_clear_errors(make_store: Any) -> None:
+    store = make_store()
+    with pytest.raises(ValueError, match="2 groups but 1 priorities"):
+        store.add([group(), group()], [1.0])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        store.add([group()], [float("nan")])
+    with pytest.raises(ValueError, match="num_groups must be >= 1"):
+        store.sample(0)
+    assert store.sample(3).groups == []  # empty store: an empty batch, not an error
+
+
+# ------------------------------------------------------------------------------------ concurrency
+def _redis_writer(port: int, run_name: str, writer: int, num: int) -> None:
+    store = RedisStore(RedisReplayConfig(port=port, capacity=100_000), run_name=run_name)
+    batch: list[RolloutGroup] = []
+    for i in range(num):
+        batch.append(group(f"w{writer}-{i}"))
+        if len(batch) == 10:
+            store.add(batch, [1.0] * len(batch))
+            store.add(batch[:3], [1.0] * 3)  # a retry of part of the batch: must not duplicate
+            batch = []
+    store.add(batch, [1.0] * len(batch))
+
+
+def test_several_writers_and_a_reader_lose_and_duplicate_nothing(make_store: Any) -> None:
+    writers, per_writer = 3, 200
+    store = make_store(capacity=100_000, fresh_fraction=1.0)
+    expected = {f"w{w}-{i}" for w in range(writers) for i in range(per_writer)}
+    if isinstance(store, RedisStore):
+        run_name = store.prefix.split(":", 1)[1]
+        ctx = multiprocessing.get_context("spawn")
+        procs: list[Any] = [
+            ctx.Process(target=_redis_writer, args=(store.cfg.port, run_name, w, per_writer)) for w in range(writers)
+        ]
+    else:
+        procs = [threading.Thread(target=_memory_writer, args=(store, w, per_writer)) for w in range(writers)]
+    for p in procs:
+        p.start()
+    seen: list[str] = []
+
+    def read_fresh() -> None:
+        batch = store.sample(25)
+        seen.extend(g.prompt_id for g, fresh in zip(batch.groups, batch.fresh, strict=True) if fresh)
+
+    while any(p.is_alive() for p in procs) or store.stats().fresh:
+        read_fresh()
+    for p in procs:
+        p.join()
+    read_fresh()
+    assert len(seen) == len(set(seen)) == len(expected)  # every group read exactly once as fresh
+    assert set(seen) == expected
+    stats = store.stats()
+    assert stats.inserted == len(expected) and stats.duplicates == writers * (per_writer // 10) * 3
+
+
+def _memory_writer(store: MemoryStore, writer: int, num: int) -> None:
+    batch: list[RolloutGroup] = []
+    for i in range(num):
+        batch.append(group(f"w{writer}-{i}"))
+        if len(batch) == 10:
+            store.add(batch, [1.0] * len(batch))
+            store.add(batch[:3], [1.0] * 3)
+            batch = []
+    store.add(batch, [1.0] * len(batch))
+
+
+# ------------------------------------------------------------------------------------ Redis only
+@pytest.fixture
+def aof_redis(tmp_path: Any) -> Iterator[tuple[int, Any]]:
+    port = free_port()
+    servers: list[Service] = []
+
+    def start() -> Service:
+        server = start_redis(port=port, appendonly=True, workdir=tmp_path)
+        servers.append(server)
+        return server
+
+    yield port, start
+    for server in servers:
+        server.stop()
+
+
+def test_redis_restart_with_aof_keeps_the_data(aof_redis: tuple[int, Any]) -> None:
+    port, start = aof_redis
+    server = start()
+    store = RedisStore(RedisReplayConfig(port=port, fresh_fraction=0.0), run_name="aof")
+    groups = [group(f"p{i}") for i in range(20)]
+    store.add(groups, [float(i + 1) for i in range(20)])
+    store.set_policy_version(3)
+    store.client.bgrewriteaof()
+    server.stop()
+    start()
+    assert len(store) == 20  # the same client reconnects by itself
+    assert store.policy_version() == 3
+    assert set(store.keys()) == {g.group_id for g in groups}
+    batch = store.sample(200, seed=1)
+    assert Counter(batch.priorities).most_common(1)[0][0] >= 15.0  # priorities survived too
+
+
+def test_a_writer_survives_a_redis_restart_without_loss_or_duplicates(aof_redis: tuple[int, Any]) -> None:
+    port, start = aof_redis
+    server = start()
+    store = RedisStore(RedisReplayConfig(port=port, capacity=10_000), run_name="restart")
+    sent = [group(f"p{i}") for i in range(300)]
+    restarted = threading.Event()
+
+    def restart() -> None:
+        server.stop()
+        start()
+        restarted.set()
+
+    for i in range(0, len(sent), 10):
+        if i == 100:
+            threading.Thread(target=restart).start()
+        store.add(sent[i : i + 10], [1.0] * 10)
+    assert restarted.wait(30)
+    assert sorted(store.keys()) == sorted(g.group_id for g in sent)
+
+
+def test_redis_password_is_used(tmp_path: Any) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("hunter2\n")
+    with start_redis(password="hunter2") as server:
+        store = RedisStore(RedisReplayConfig(port=server.port, password_file=secret), run_name="auth")
+        store.add([group()], [1.0])
+        assert len(store) == 1
+        with pytest.raises(ValueError, match=r"replay\.password: Redis at .* refused"):
+            RedisStore(RedisReplayConfig(port=server.port, password="wrong"), run_name="auth")
+    with pytest.raises(ConnectionError, match="cannot reach Redis"):
+        RedisStore(RedisReplayConfig(port=free_port()), run_name="nowhere")
