@@ -13,15 +13,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from configs.schema import MemoryReplayConfig, ReplayConfig
-from replay.records import PromptStats, RecordError, RolloutGroup, SampledBatch, decode_group, encode_group
-from replay.store import (
-    STAT_FIELDS,
-    ReplayStats,
-    importance_weights,
-    prepare_inserts,
-    sampling_weight,
-    split_batch,
-)
+from replay.records import PromptStats, RolloutGroup, SampledBatch, encode_group
+from replay.store import STAT_FIELDS, ReplayStats, decode_draw, prepare_inserts, sampling_weight, split_batch
 
 _DEDUPE_WINDOW = 1_000_000  # group ids remembered for idempotent retries
 
@@ -148,13 +141,20 @@ class MemoryStore:
 
     # ----------------------------------------------------------------------------------------- reading
     def sample(self, num_groups: int, *, seed: int | None = None) -> SampledBatch:
+        return decode_draw(*self.draw(num_groups, seed=seed), quarantine=self.quarantine_key)
+
+    def draw(
+        self, num_groups: int, *, seed: int | None = None
+    ) -> tuple[list[tuple[str, bytes, float]], list[float], list[int], int, int]:
+        """Pick a batch without decoding it: ((key, payload, priority) rows, probabilities, times sampled,
+        number of fresh rows, store size). `sample` decodes; `ReplayServer` ships the bytes to another process."""
         n_fresh, n_prio = split_batch(num_groups, self.cfg.fresh_fraction)
         rng = np.random.default_rng(seed)
         with self._lock:
             self._evict_stale()
             n = len(self._keys)
             if n == 0:
-                return SampledBatch([], [], [], [], [], [], [])
+                return [], [], [], 0, 0
             unsampled = np.nonzero(self._times_sampled[:n] == 0)[0]
             fresh_rows = unsampled[np.argsort(-self._seq[unsampled], kind="stable")][:n_fresh].tolist()
             n_prio += n_fresh - len(fresh_rows)  # not enough fresh groups: draw the rest by priority
@@ -167,38 +167,11 @@ class MemoryStore:
             for r in rows:
                 self._times_sampled[r] += 1
             times = [int(self._times_sampled[r]) for r in rows]
-        return self._decode(picked, probabilities, times, len(fresh_rows), n)
+            self._counts["sampled"] += len(rows)
+        return picked, probabilities, times, len(fresh_rows), n
 
-    def _decode(
-        self,
-        picked: list[tuple[str, bytes, float]],
-        probabilities: list[float],
-        times: list[int],
-        n_fresh: int,
-        size: int,
-    ) -> SampledBatch:
-        batch = SampledBatch([], [], [], [], [], [], [])
-        kept_probabilities = []
-        for i, (key, payload, priority) in enumerate(picked):
-            try:
-                group = decode_group(payload)
-            except RecordError:
-                self._quarantine(key)
-                batch.skipped_corrupt += 1
-                continue
-            batch.groups.append(group)
-            batch.keys.append(key)
-            batch.priorities.append(priority)
-            kept_probabilities.append(probabilities[i])
-            batch.fresh.append(i < n_fresh)
-            batch.times_sampled.append(times[i])
-        batch.probabilities = kept_probabilities
-        batch.is_weights = importance_weights(kept_probabilities, size)
-        with self._lock:
-            self._counts["sampled"] += len(batch.groups)
-        return batch
-
-    def _quarantine(self, key: str) -> None:
+    def quarantine_key(self, key: str) -> None:
+        """Move a payload that failed to decode out of the store, keeping it for inspection."""
         with self._lock:
             row = self._row.get(key)
             if row is None:

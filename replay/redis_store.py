@@ -30,15 +30,8 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from configs.schema import RedisReplayConfig
-from replay.records import PromptStats, RecordError, RolloutGroup, SampledBatch, decode_group, encode_group
-from replay.store import (
-    STAT_FIELDS,
-    ReplayStats,
-    importance_weights,
-    prepare_inserts,
-    sampling_weight,
-    split_batch,
-)
+from replay.records import PromptStats, RolloutGroup, SampledBatch, encode_group
+from replay.store import STAT_FIELDS, ReplayStats, decode_draw, prepare_inserts, sampling_weight, split_batch
 
 DEDUPE_TTL_S = 24 * 3600
 QUARANTINE_MAX = 1000
@@ -172,6 +165,7 @@ for _ = 1, n_prio do
     end
   end
 end
+redis.call('HINCRBY', P .. ':stats', 'sampled', #chosen)
 local out = {}
 for i, key in ipairs(chosen) do
   local fresh = i <= n_chosen_fresh
@@ -328,28 +322,15 @@ class RedisStore:
         flat = self._sample(keys=[self.prefix], args=[n_fresh, n_prio, seed, self.cfg.max_policy_lag])
         rows = [flat[i : i + 5] for i in range(0, len(flat), 5)]
         payloads = self.client.mget([self._k(f"g:{row[0].decode()}") for row in rows]) if rows else []
-        batch = SampledBatch([], [], [], [], [], [], [])
-        probabilities: list[float] = []
-        for (key, priority, probability, times, fresh), payload in zip(rows, payloads, strict=True):
-            if payload is None:  # evicted by a writer between the draw and the read: nothing to train on
-                continue
-            try:
-                group = decode_group(payload)
-            except RecordError:
-                self._quarantine(keys=[self.prefix], args=[key, QUARANTINE_MAX])
-                batch.skipped_corrupt += 1
-                continue
-            batch.groups.append(group)
-            batch.keys.append(key.decode())
-            batch.priorities.append(float(priority))
-            probabilities.append(float(probability))
-            batch.times_sampled.append(int(times))
-            batch.fresh.append(bool(fresh))
-        batch.probabilities = probabilities
-        batch.is_weights = importance_weights(probabilities, len(self))
-        if batch.groups:
-            self.client.hincrby(self._k("stats"), "sampled", len(batch.groups))
-        return batch
+        picked = [(row[0].decode(), payload, float(row[1])) for row, payload in zip(rows, payloads, strict=True)]
+        return decode_draw(
+            picked,
+            [float(row[2]) for row in rows],
+            [int(row[3]) for row in rows],
+            sum(int(row[4]) for row in rows),  # fresh rows come first
+            len(self),
+            quarantine=lambda key: self._quarantine(keys=[self.prefix], args=[key, QUARANTINE_MAX]),
+        )
 
     def update_priorities(self, keys: Sequence[str], priorities: Sequence[float]) -> None:
         args: list[str | int] = [len(keys)]

@@ -20,14 +20,14 @@ suite runs against both):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from configs.schema import ReplayConfig
-from replay.records import PromptStats, RolloutGroup, SampledBatch
+from replay.records import PromptStats, RecordError, RolloutGroup, SampledBatch, decode_group
 
 MIN_PRIORITY = 1e-6
 """Priorities are floored here before the exponent, so a perfectly estimated prompt can still be replayed."""
@@ -35,6 +35,8 @@ MIN_PRIORITY = 1e-6
 
 @dataclass(frozen=True)
 class ReplayStats:
+    """Counters since the store was created; `sampled` counts draws (a corrupt draw counts, then `corrupt`)."""
+
     size: int
     fresh: int
     policy_version: int
@@ -82,11 +84,7 @@ def prepare_inserts(
     groups: Sequence[RolloutGroup], priorities: Sequence[float], cfg: ReplayConfig
 ) -> tuple[list[tuple[RolloutGroup, float]], int]:
     """Apply `successful_only` and `insert_top_k`. Returns (groups that enter with their priorities, filtered)."""
-    if len(groups) != len(priorities):
-        raise ValueError(f"add: {len(groups)} groups but {len(priorities)} priorities")
-    bad = [p for p in priorities if not np.isfinite(p) or p < 0]
-    if bad:
-        raise ValueError(f"add: priorities must be finite and >= 0, got {bad[0]}")
+    check_add_arguments(len(groups), priorities)
     kept: list[tuple[RolloutGroup, float]] = []
     for group, priority in zip(groups, priorities, strict=True):
         if cfg.successful_only:
@@ -98,6 +96,14 @@ def prepare_inserts(
     if cfg.insert_top_k is not None and len(kept) > cfg.insert_top_k:
         kept = sorted(kept, key=lambda gp: -gp[1])[: cfg.insert_top_k]
     return kept, len(groups) - len(kept)
+
+
+def check_add_arguments(num_groups: int, priorities: Sequence[float]) -> None:
+    if num_groups != len(priorities):
+        raise ValueError(f"add: {num_groups} groups but {len(priorities)} priorities")
+    bad = [p for p in priorities if not np.isfinite(p) or p < 0]
+    if bad:
+        raise ValueError(f"add: priorities must be finite and >= 0, got {bad[0]}")
 
 
 def importance_weights(probabilities: Sequence[float], size: int) -> list[float]:
@@ -113,6 +119,38 @@ def split_batch(num_groups: int, fresh_fraction: float) -> tuple[int, int]:
         raise ValueError(f"sample: num_groups must be >= 1, got {num_groups}")
     fresh = round(fresh_fraction * num_groups)
     return fresh, num_groups - fresh
+
+
+def decode_draw(
+    picked: Sequence[tuple[str, bytes | None, float]],
+    probabilities: Sequence[float],
+    times_sampled: Sequence[int],
+    num_fresh: int,
+    size: int,
+    quarantine: Callable[[str], None],
+) -> SampledBatch:
+    """Turn drawn payloads into a batch: the first `num_fresh` rows are fresh; a payload that fails to decode
+    is handed to `quarantine` and skipped; a payload that vanished (None: evicted meanwhile) is skipped."""
+    batch = SampledBatch([], [], [], [], [], [], [])
+    kept: list[float] = []
+    for i, (key, payload, priority) in enumerate(picked):
+        if payload is None:
+            continue
+        try:
+            group = decode_group(payload)
+        except RecordError:
+            quarantine(key)
+            batch.skipped_corrupt += 1
+            continue
+        batch.groups.append(group)
+        batch.keys.append(key)
+        batch.priorities.append(priority)
+        kept.append(probabilities[i])
+        batch.fresh.append(i < num_fresh)
+        batch.times_sampled.append(times_sampled[i])
+    batch.probabilities = kept
+    batch.is_weights = importance_weights(kept, size)
+    return batch
 
 
 def build_store(cfg: ReplayConfig, *, run_name: str = "run") -> ReplayStore:

@@ -42,3 +42,13 @@ def redis_server():  # -> cluster.services.Service
 
     with start_redis() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def ray_local():  # -> the ray module, initialised once for the session
+    """A real local Ray (2 CPUs, no dashboard), shared by every test that needs it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

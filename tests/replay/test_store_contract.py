@@ -15,11 +15,12 @@ import pytest
 from cluster.services import Service, free_port, start_redis
 from configs.schema import MemoryReplayConfig, RedisReplayConfig
 from replay.memory_store import MemoryStore
-from replay.records import RolloutGroup
+from replay.records import RolloutGroup, encode_group
 from replay.redis_store import RedisStore
+from replay.remote import RemoteStore, start_replay_server
 from replay.store import ReplayStore, build_store
 
-BACKENDS = ["memory", "redis"]
+BACKENDS = ["memory", "redis", "ray"]  # "ray": the in-process store hosted in a Ray actor
 
 
 def group(prompt: str = "p0", *, version: int = 0, rewards: tuple[float, ...] = (1.0, 0.0)) -> RolloutGroup:
@@ -42,6 +43,9 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[Any]:
     def make(**options: Any) -> Any:
         if request.param == "memory":
             store: Any = MemoryStore(MemoryReplayConfig(**options))
+        elif request.param == "ray":
+            request.getfixturevalue("ray_local")
+            store = RemoteStore(start_replay_server(MemoryReplayConfig(**options)))
         else:
             server = request.getfixturevalue("redis_server")
             cfg = RedisReplayConfig(port=server.port, **options)
@@ -53,6 +57,10 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[Any]:
     for store in made:
         if isinstance(store, RedisStore):
             store.clear()
+        if isinstance(store, RemoteStore):
+            import ray
+
+            ray.kill(store.handle)
         store.close()
 
 
@@ -260,7 +268,7 @@ def test_several_writers_and_a_reader_lose_and_duplicate_nothing(make_store: Any
     assert stats.inserted == len(expected) and stats.duplicates == writers * (per_writer // 10) * 3
 
 
-def _memory_writer(store: MemoryStore, writer: int, num: int) -> None:
+def _memory_writer(store: ReplayStore, writer: int, num: int) -> None:
     batch: list[RolloutGroup] = []
     for i in range(num):
         batch.append(group(f"w{writer}-{i}"))
@@ -335,3 +343,12 @@ def test_redis_password_is_used(tmp_path: Any) -> None:
             RedisStore(RedisReplayConfig(port=server.port, password="wrong"), run_name="auth")
     with pytest.raises(ConnectionError, match="cannot reach Redis"):
         RedisStore(RedisReplayConfig(port=free_port()), run_name="nowhere")
+
+
+def test_the_ray_hosted_store_refuses_garbage_from_a_writer(ray_local: Any) -> None:
+    store = RemoteStore(start_replay_server(MemoryReplayConfig()))
+    good = group("good")
+    keys = ray_local.get(store.handle.add.remote([b"garbage", encode_group(good)], [1.0, 1.0]))
+    assert keys == [good.group_id]
+    assert store.stats().corrupt == 1 and len(store) == 1
+    ray_local.kill(store.handle)

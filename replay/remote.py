@@ -1,0 +1,140 @@
+"""The in-process store shared by separate processes: a Ray actor hosting a `MemoryStore`, and a client proxy.
+
+When rollout actors and the learner are separate Ray processes, the embedded default keeps one `MemoryStore`
+inside a `ReplayServer` actor. Only bytes, strings and numbers cross the process boundary: groups travel as
+their msgpack encoding and are decoded and validated on the receiving side, exactly as with Redis, so no
+Python object is ever unpickled from a rollout actor. `RemoteStore` implements the `ReplayStore` protocol on
+top of an actor handle, so the learner and the actors use it like any other store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+
+from configs.schema import MemoryReplayConfig
+from replay.memory_store import MemoryStore
+from replay.records import PromptStats, RecordError, RolloutGroup, SampledBatch, decode_group, encode_group
+from replay.store import ReplayStats, check_add_arguments, decode_draw
+
+
+class ReplayServer:
+    """Holds the store. Methods take and return plain data only."""
+
+    def __init__(self, cfg_json: str) -> None:
+        self.store = MemoryStore(MemoryReplayConfig.model_validate_json(cfg_json))
+        self.rejected = 0
+
+    def add(self, payloads: list[bytes], priorities: list[float]) -> list[str]:
+        groups, kept_priorities = [], []
+        for payload, priority in zip(payloads, priorities, strict=True):
+            try:
+                groups.append(decode_group(payload))
+            except RecordError:  # a writer sent garbage: count it, keep serving everyone else
+                self.rejected += 1
+                continue
+            kept_priorities.append(priority)
+        return self.store.add(groups, kept_priorities)
+
+    def add_encoded(self, key: str, payload: bytes, priority: float, policy_version: int) -> None:
+        self.store.add_encoded(key, payload, priority, policy_version)
+
+    def draw(
+        self, num_groups: int, seed: int | None
+    ) -> tuple[list[tuple[str, bytes, float]], list[float], list[int], int, int]:
+        return self.store.draw(num_groups, seed=seed)
+
+    def quarantine_key(self, key: str) -> None:
+        self.store.quarantine_key(key)
+
+    def update_priorities(self, keys: list[str], priorities: list[float]) -> None:
+        self.store.update_priorities(keys, priorities)
+
+    def set_policy_version(self, version: int) -> None:
+        self.store.set_policy_version(version)
+
+    def policy_version(self) -> int:
+        return self.store.policy_version()
+
+    def put_acc_estimates(self, estimates: dict[str, float]) -> None:
+        self.store.put_acc_estimates(estimates)
+
+    def prompt_stats(self, prompt_ids: list[str]) -> list[tuple[str, float, int, float | None]]:
+        return [
+            (s.prompt_id, s.num_correct, s.num_samples, s.acc_estimate) for s in self.store.prompt_stats(prompt_ids)
+        ]
+
+    def stats(self) -> dict[str, int]:
+        stats = dict(vars(self.store.stats()))
+        stats["corrupt"] += self.rejected  # payloads refused at the door count as corrupt too
+        return stats
+
+    def keys(self) -> list[str]:
+        return self.store.keys()
+
+    def quarantined(self) -> list[bytes]:
+        return self.store.quarantined()
+
+    def size(self) -> int:
+        return len(self.store)
+
+
+def start_replay_server(cfg: MemoryReplayConfig, *, name: str | None = None, namespace: str | None = None) -> Any:
+    """Start the actor (threaded, so writers and the learner are served concurrently; the store has a lock)."""
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=16)(ReplayServer)
+    options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True} if name else {}
+    return actor_cls.options(**options).remote(cfg.model_dump_json())
+
+
+class RemoteStore:
+    """`ReplayStore` over a `ReplayServer` handle; decodes sampled payloads here and quarantines bad ones."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float]) -> list[str]:
+        check_add_arguments(len(groups), priorities)
+        payloads = [encode_group(g) for g in groups]
+        return list(ray.get(self.handle.add.remote(payloads, [float(p) for p in priorities])))
+
+    def add_encoded(self, key: str, payload: bytes, priority: float, policy_version: int) -> None:
+        ray.get(self.handle.add_encoded.remote(key, payload, priority, policy_version))
+
+    def sample(self, num_groups: int, *, seed: int | None = None) -> SampledBatch:
+        if num_groups < 1:
+            raise ValueError(f"sample: num_groups must be >= 1, got {num_groups}")
+        drawn = ray.get(self.handle.draw.remote(num_groups, seed))
+        return decode_draw(*drawn, quarantine=lambda key: ray.get(self.handle.quarantine_key.remote(key)))
+
+    def update_priorities(self, keys: Sequence[str], priorities: Sequence[float]) -> None:
+        ray.get(self.handle.update_priorities.remote(list(keys), [float(p) for p in priorities]))
+
+    def set_policy_version(self, version: int) -> None:
+        ray.get(self.handle.set_policy_version.remote(version))
+
+    def policy_version(self) -> int:
+        return int(ray.get(self.handle.policy_version.remote()))
+
+    def put_acc_estimates(self, estimates: Mapping[str, float]) -> None:
+        ray.get(self.handle.put_acc_estimates.remote({k: float(v) for k, v in estimates.items()}))
+
+    def prompt_stats(self, prompt_ids: Sequence[str]) -> list[PromptStats]:
+        rows = ray.get(self.handle.prompt_stats.remote(list(prompt_ids)))
+        return [PromptStats(pid, correct, total, estimate) for pid, correct, total, estimate in rows]
+
+    def stats(self) -> ReplayStats:
+        return ReplayStats(**ray.get(self.handle.stats.remote()))
+
+    def keys(self) -> list[str]:
+        return list(ray.get(self.handle.keys.remote()))
+
+    def quarantined(self) -> list[bytes]:
+        return list(ray.get(self.handle.quarantined.remote()))
+
+    def __len__(self) -> int:
+        return int(ray.get(self.handle.size.remote()))
+
+    def close(self) -> None:
+        pass
