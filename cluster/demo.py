@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from actors.engines.hf import HFEngine, Sample
+from actors.engines.base import Sample
+from actors.engines.hf_engine import HFEngine
 from actors.tasks import Prompt, Task, build_task, format_prompt
 from cluster.models import resolve_model_dir
 from configs.schema import RunConfig
@@ -38,27 +39,22 @@ def run_demo(cfg: RunConfig, *, num_prompts: int, console: Console) -> list[Demo
     with console.status("Loading the model into the Hugging Face engine..."):
         engine = HFEngine(model_dir, dtype=cfg.model.dtype, batch_size=_hf_batch_size(cfg))
     prompts = task.train[:num_prompts]
-    texts = [
-        format_prompt(
-            engine.tokenizer,
-            p.text,
-            chat_template=cfg.tokenizer.chat_template,
-            system_prompt=cfg.tokenizer.system_prompt,
-        )
+    token_prompts = [
+        engine.tokenizer(
+            format_prompt(
+                engine.tokenizer,
+                p.text,
+                chat_template=cfg.tokenizer.chat_template,
+                system_prompt=cfg.tokenizer.system_prompt,
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
         for p in prompts
     ]
     s = cfg.rollout.sampling
     start = time.perf_counter()
     with console.status(f"Sampling {s.num_samples} responses for each of {len(prompts)} prompts..."):
-        groups = engine.generate(
-            texts,
-            num_samples=s.num_samples,
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            stop=s.stop,
-            seed=cfg.seed,
-        )
+        groups = engine.generate(token_prompts, s, seed=cfg.seed)
     elapsed = time.perf_counter() - start
     results = []
     for prompt, samples in zip(prompts, groups, strict=True):

@@ -13,7 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    SerializationInfo,
+    field_serializer,
+    model_validator,
+)
 
 
 class Section(BaseModel):
@@ -173,8 +181,9 @@ class SamplingConfig(Section):
 
     num_samples: int = Field(8, ge=1, le=1024)
     """G: responses sampled per prompt (a rollout group)."""
-    temperature: float = Field(1.0, gt=0.0, le=10.0)
-    """Sampling temperature; 1.0 samples the policy itself (what the TB fixed point assumes)."""
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    """Sampling temperature; 1.0 samples the policy itself (what the TB fixed point assumes); 0 is greedy
+    (evaluation only: training needs temperature > 0)."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling mass; < 1 makes the behaviour policy differ from the trained one."""
     max_new_tokens: int = Field(256, ge=1, le=65536)
@@ -359,6 +368,14 @@ class RedisReplayConfig(_ReplayCommon):
     key_prefix: str = Field("paceflow", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     """Prefix of every key, so several runs can share one server."""
 
+    @field_serializer("password", when_used="json")
+    def _password_json(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
+        """Masked in printed configs; revealed only when handing the config to the run's own workers."""
+        if value is None:
+            return None
+        reveal = isinstance(info.context, dict) and info.context.get("reveal_secrets")
+        return value.get_secret_value() if reveal else str(value)
+
     @model_validator(mode="after")
     def _one_password_source(self) -> RedisReplayConfig:
         if self.password is not None and self.password_file is not None:
@@ -476,6 +493,10 @@ class EvalConfig(Section):
 class RunConfig(Section):
     """One experiment. Load it with `configs.load.load_config(path, overrides)`."""
 
+    def to_worker_json(self) -> str:
+        """The config for the run's own processes (Ray actors): JSON, with secrets included."""
+        return self.model_dump_json(context={"reveal_secrets": True})
+
     name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     """Run name; used for the output folder and the Redis key prefix."""
     description: str = ""
@@ -503,6 +524,11 @@ class RunConfig(Section):
             raise ValueError(
                 f"objective.kind={obj.kind!r} needs a verifier, but task.kind='creative' has none; "
                 "use objective.kind='powerflow' (unsupervised) or a task with answers"
+            )
+        if self.rollout.sampling.temperature <= 0:
+            raise ValueError(
+                "rollout.sampling.temperature must be > 0 for training (greedy responses have no behaviour "
+                "log-probs to learn from)"
             )
         if obj.kind == "grpo" and g < 2:
             raise ValueError(f"rollout.sampling.num_samples must be >= 2 for grpo (group baseline), got {g}")

@@ -13,7 +13,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from configs.schema import MemoryReplayConfig, ReplayConfig
-from replay.records import PromptStats, RolloutGroup, SampledBatch, encode_group
+from replay.records import (
+    PromptStats,
+    RolloutGroup,
+    SampledBatch,
+    WeightVersion,
+    decode_weight_version,
+    encode_group,
+    encode_weight_version,
+)
 from replay.store import STAT_FIELDS, ReplayStats, decode_draw, prepare_inserts, sampling_weight, split_batch
 
 _DEDUPE_WINDOW = 1_000_000  # group ids remembered for idempotent retries
@@ -39,6 +47,7 @@ class MemoryStore:
         self._prompt_total: dict[str, int] = {}
         self._prompt_estimate: dict[str, float] = {}
         self.quarantine: list[bytes] = []
+        self._weights: bytes | None = None  # kept encoded, like every record
 
     # ----------------------------------------------------------------------------------------- writing
     def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float]) -> list[str]:
@@ -134,6 +143,17 @@ class MemoryStore:
 
     def policy_version(self) -> int:
         return self._version_now
+
+    def announce_weights(self, weights: WeightVersion) -> None:
+        encoded = encode_weight_version(weights)
+        with self._lock:
+            self._weights = encoded
+        self.set_policy_version(weights.version)
+
+    def latest_weights(self) -> WeightVersion | None:
+        with self._lock:
+            encoded = self._weights
+        return decode_weight_version(encoded) if encoded is not None else None
 
     def put_acc_estimates(self, estimates: Mapping[str, float]) -> None:
         with self._lock:

@@ -170,6 +170,47 @@ class SampledBatch:
     skipped_corrupt: int = 0
 
 
+@dataclass(frozen=True)
+class WeightVersion:
+    """A published set of policy weights, announced through the store; rollout actors load it and verify it.
+
+    `probe_*` is a short teacher-forced check: after loading, an engine must give `probe_logprobs` for
+    `probe_response` after `probe_prompt` (within `probe_tolerance`), or the update did not take effect.
+    """
+
+    version: int
+    path: str
+    """A Hugging Face safetensors directory readable by every actor (shared memory or a shared filesystem)."""
+    step: int = 0
+    created_at: float = 0.0
+    probe_prompt: list[int] = field(default_factory=list)
+    probe_response: list[int] = field(default_factory=list)
+    probe_logprobs: list[float] = field(default_factory=list)
+    probe_tolerance: float = 1e-3
+
+
+def encode_weight_version(w: WeightVersion) -> bytes:
+    return msgpack.packb({"v": SCHEMA_VERSION, **vars(w)}, use_bin_type=True)
+
+
+def decode_weight_version(data: bytes) -> WeightVersion:
+    try:
+        raw = msgpack.unpackb(data, raw=False)
+    except Exception as exc:
+        raise RecordError("payload", f"not msgpack ({type(exc).__name__})") from None
+    if not isinstance(raw, dict) or raw.pop("v", None) != SCHEMA_VERSION:
+        raise RecordError("v", "not a weight announcement of this schema version")
+    try:
+        w = WeightVersion(**raw)
+    except TypeError as exc:
+        raise RecordError("payload", str(exc)) from None
+    if not isinstance(w.version, int) or w.version < 0 or not isinstance(w.path, str) or not w.path:
+        raise RecordError("version" if not isinstance(w.version, int) or w.version < 0 else "path", f"got {raw}")
+    if len(w.probe_response) != len(w.probe_logprobs):
+        raise RecordError("probe_logprobs", f"{len(w.probe_logprobs)} values for {len(w.probe_response)} tokens")
+    return w
+
+
 # --------------------------------------------------------------------------------------------- wire format
 def _concat(arrays: Sequence[np.ndarray], dtype: str) -> bytes:
     """Concatenate as little-endian `dtype` ('<i4', '<f4') bytes."""

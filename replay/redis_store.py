@@ -10,6 +10,7 @@ Layout under the prefix `P = <key_prefix>:<run name>` (one run per prefix, so se
     P:q, P:qb    HASH key -> sampling weight q = max(priority, 1e-6)^a, and its bucket b = ceil(log2 q)
     P:b:<b>      SET of keys whose q lies in (2^(b-1), 2^b];  P:bc  HASH b -> count;  P:qsum  sum of q
     P:ns         HASH key -> times sampled;     P:stats  HASH counters;   P:version  learner's weight version
+    P:weights    the latest WeightVersion announcement (msgpack)
     P:pc, P:pt, P:pe   HASH prompt -> correct count, samples, accuracy estimate
     P:seen:<key> dedupe marker (expires), so a writer's retry never inserts a group twice
     P:quarantine LIST of payloads that failed to decode (capped)
@@ -30,7 +31,15 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from configs.schema import RedisReplayConfig
-from replay.records import PromptStats, RolloutGroup, SampledBatch, encode_group
+from replay.records import (
+    PromptStats,
+    RolloutGroup,
+    SampledBatch,
+    WeightVersion,
+    decode_weight_version,
+    encode_group,
+    encode_weight_version,
+)
 from replay.store import STAT_FIELDS, ReplayStats, decode_draw, prepare_inserts, sampling_weight, split_batch
 
 DEDUPE_TTL_S = 24 * 3600
@@ -343,6 +352,14 @@ class RedisStore:
 
     def policy_version(self) -> int:
         return int(self.client.get(self._k("version")) or 0)
+
+    def announce_weights(self, weights: WeightVersion) -> None:
+        self.client.set(self._k("weights"), encode_weight_version(weights))
+        self.set_policy_version(weights.version)
+
+    def latest_weights(self) -> WeightVersion | None:
+        encoded = self.client.get(self._k("weights"))
+        return decode_weight_version(encoded) if encoded is not None else None
 
     def put_acc_estimates(self, estimates: Mapping[str, float]) -> None:
         if estimates:

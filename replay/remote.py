@@ -16,7 +16,17 @@ import ray
 
 from configs.schema import MemoryReplayConfig
 from replay.memory_store import MemoryStore
-from replay.records import PromptStats, RecordError, RolloutGroup, SampledBatch, decode_group, encode_group
+from replay.records import (
+    PromptStats,
+    RecordError,
+    RolloutGroup,
+    SampledBatch,
+    WeightVersion,
+    decode_group,
+    decode_weight_version,
+    encode_group,
+    encode_weight_version,
+)
 from replay.store import ReplayStats, check_add_arguments, decode_draw
 
 
@@ -60,6 +70,13 @@ class ReplayServer:
 
     def put_acc_estimates(self, estimates: dict[str, float]) -> None:
         self.store.put_acc_estimates(estimates)
+
+    def announce_weights(self, encoded: bytes) -> None:
+        self.store.announce_weights(decode_weight_version(encoded))
+
+    def latest_weights(self) -> bytes | None:
+        weights = self.store.latest_weights()
+        return encode_weight_version(weights) if weights is not None else None
 
     def prompt_stats(self, prompt_ids: list[str]) -> list[tuple[str, float, int, float | None]]:
         return [
@@ -119,6 +136,13 @@ class RemoteStore:
 
     def put_acc_estimates(self, estimates: Mapping[str, float]) -> None:
         ray.get(self.handle.put_acc_estimates.remote({k: float(v) for k, v in estimates.items()}))
+
+    def announce_weights(self, weights: WeightVersion) -> None:
+        ray.get(self.handle.announce_weights.remote(encode_weight_version(weights)))
+
+    def latest_weights(self) -> WeightVersion | None:
+        encoded = ray.get(self.handle.latest_weights.remote())
+        return decode_weight_version(encoded) if encoded is not None else None
 
     def prompt_stats(self, prompt_ids: Sequence[str]) -> list[PromptStats]:
         rows = ray.get(self.handle.prompt_stats.remote(list(prompt_ids)))

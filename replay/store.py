@@ -14,7 +14,8 @@ suite runs against both):
   reports its probability and importance weight (N * P)^-1 normalised to a batch maximum of 1. Groups older than
   `max_policy_lag` weight versions are evicted first. A payload that fails to decode is counted, moved to
   quarantine and skipped; it never reaches the learner and never crashes the reader.
-- `set_policy_version(v)` records the learner's newest weight version (and evicts stale groups).
+- `set_policy_version(v)` records the learner's newest weight version (and evicts stale groups);
+  `announce_weights(w)` does the same and tells rollout actors where the weights are (`latest_weights()`).
 - `put_acc_estimates` / `prompt_stats`: the learner's a(x) and the empirical accuracy, per prompt.
 """
 
@@ -27,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from configs.schema import ReplayConfig
-from replay.records import PromptStats, RecordError, RolloutGroup, SampledBatch, decode_group
+from replay.records import PromptStats, RecordError, RolloutGroup, SampledBatch, WeightVersion, decode_group
 
 MIN_PRIORITY = 1e-6
 """Priorities are floored here before the exponent, so a perfectly estimated prompt can still be replayed."""
@@ -66,6 +67,12 @@ class ReplayStore(Protocol):
     def policy_version(self) -> int: ...
 
     def put_acc_estimates(self, estimates: Mapping[str, float]) -> None: ...
+
+    def announce_weights(self, weights: WeightVersion) -> None:
+        """Make a published weight version the one actors load (and the store's policy version)."""
+        ...
+
+    def latest_weights(self) -> WeightVersion | None: ...
 
     def prompt_stats(self, prompt_ids: Sequence[str]) -> list[PromptStats]: ...
 
@@ -162,3 +169,14 @@ def build_store(cfg: ReplayConfig, *, run_name: str = "run") -> ReplayStore:
     from replay.memory_store import MemoryStore
 
     return MemoryStore(cfg)
+
+
+def connect_store(cfg: ReplayConfig, *, run_name: str, server: object | None = None) -> ReplayStore:
+    """The store as seen from any process of a run: Redis by config, or the run's `ReplayServer` actor."""
+    if cfg.kind == "redis":
+        return build_store(cfg, run_name=run_name)
+    if server is None:
+        raise ValueError("replay.kind='memory' shared between processes needs the run's ReplayServer actor handle")
+    from replay.remote import RemoteStore
+
+    return RemoteStore(server)

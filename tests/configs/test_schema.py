@@ -175,3 +175,11 @@ def test_every_field_has_a_description() -> None:
             if name != "kind" and not sub and not field.description:
                 missing.append(f"{model.__name__}.{name}")
     assert not missing, f"fields without a docstring: {missing}"
+
+
+def test_worker_json_carries_the_password_and_printed_configs_do_not() -> None:
+    cfg = load_config("tiny_cpu", ["replay={kind: redis, password: hunter2}"])
+    assert "hunter2" not in to_yaml(cfg) and "hunter2" not in cfg.model_dump_json()
+    again = RunConfig.model_validate_json(cfg.to_worker_json())
+    assert again.replay.kind == "redis" and again.replay.password is not None
+    assert again.replay.password.get_secret_value() == "hunter2"

@@ -352,3 +352,18 @@ def test_the_ray_hosted_store_refuses_garbage_from_a_writer(ray_local: Any) -> N
     assert keys == [good.group_id]
     assert store.stats().corrupt == 1 and len(store) == 1
     ray_local.kill(store.handle)
+
+
+def test_weight_announcements_set_the_version_and_round_trip(make_store: Any) -> None:
+    from replay.records import WeightVersion
+
+    store = make_store(max_policy_lag=1)
+    assert store.latest_weights() is None
+    store.add([group("old", version=0)], [1.0])
+    w = WeightVersion(
+        version=2, path="/dev/shm/paceflow/v2", step=7, probe_prompt=[1, 2], probe_response=[3], probe_logprobs=[-0.5]
+    )
+    store.announce_weights(w)
+    assert store.latest_weights() == w
+    assert store.policy_version() == 2
+    assert len(store) == 0  # version 0 is now 2 versions old: evicted

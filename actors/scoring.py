@@ -1,0 +1,107 @@
+"""Scoring rollouts as they are made: verifier rewards under a timeout, and the frozen base model's log-likelihood
+of each response (PowerFlow's target), computed once per sample.
+
+A verifier that raises or hangs never takes the actor down: its reward becomes NaN (the invalid-reward marker the
+record and the learner understand) and a counter goes up. Verifiers run on a small thread pool so a hung one can be
+abandoned after `timeout_s`; the thread itself cannot be killed, so the pool is replaced once too many are stuck.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from actors.tasks import Prompt, Task
+from cluster.models import torch_dtype
+from learner.logprobs import token_logprobs
+
+
+@dataclass
+class ScoreCounters:
+    scored: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    last_error: str = ""
+    error_samples: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Scores:
+    rewards: list[float]
+    """NaN where the verifier failed or timed out; NaN everywhere for tasks without a verifier."""
+    parsed: list[str | None]
+
+
+class RewardScorer:
+    def __init__(self, task: Task, *, timeout_s: float, workers: int = 4) -> None:
+        self.task = task
+        self.timeout_s = timeout_s
+        self.workers = workers
+        self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verifier")
+        self.stuck = 0
+        self.counters = ScoreCounters()
+
+    def score(self, prompt: Prompt, texts: list[str]) -> Scores:
+        if self.task.verifier is None:
+            return Scores([math.nan] * len(texts), [None] * len(texts))
+        jobs = [self.pool.submit(self.task.score, prompt, text) for text in texts]
+        rewards: list[float] = []
+        parsed: list[str | None] = []
+        for job in jobs:
+            try:
+                verdict = job.result(timeout=self.timeout_s)
+            except futures.TimeoutError:
+                job.cancel()
+                self.counters.timeouts += 1
+                self.stuck += 1
+                rewards.append(math.nan)
+                parsed.append(None)
+                continue
+            self.counters.scored += 1
+            if verdict.error is not None or verdict.reward is None:
+                self.counters.errors += 1
+                self.counters.last_error = verdict.error or "no reward"
+                rewards.append(math.nan)
+            else:
+                rewards.append(float(verdict.reward))
+            parsed.append(verdict.parsed)
+        if self.stuck >= self.workers:  # every thread may be wedged in a hung verifier: start a fresh pool
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="verifier")
+            self.stuck = 0
+        return Scores(rewards, parsed)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class BaseModelScorer:
+    """Per-token log-probs of responses under the frozen base model (a teacher-forced forward pass)."""
+
+    def __init__(self, model_dir: Path, *, dtype: str = "float32", batch_size: int = 16) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).eval()
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def score(self, prompt: list[int], responses: list[list[int]]) -> list[list[float]]:
+        out: list[list[float]] = []
+        for start in range(0, len(responses), self.batch_size):
+            chunk = responses[start : start + self.batch_size]
+            width = len(prompt) + max((len(r) for r in chunk), default=0)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            mask = torch.zeros_like(ids)
+            for i, r in enumerate(chunk):
+                row = prompt + r
+                ids[i, : len(row)] = torch.tensor(row)
+                attention[i, : len(row)] = 1
+                mask[i, len(prompt) : len(row)] = 1
+            logp, _ = token_logprobs(self.model, ids, attention, mask)
+            out += [logp[i, len(prompt) : len(prompt) + len(r)].tolist() for i, r in enumerate(chunk)]
+        return out
