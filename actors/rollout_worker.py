@@ -75,14 +75,18 @@ class RolloutWorker:
         self.engine: Engine = build_engine(cfg.rollout.engine, self.model_dir, dtype=cfg.model.dtype, seed=seed)
         self.tokenizer: Any = self.engine.tokenizer  # type: ignore[attr-defined]
         self.rewards = RewardScorer(self.task, timeout_s=cfg.rollout.reward_timeout_s)
-        self.base = BaseModelScorer(self.model_dir) if cfg.objective.kind == "powerflow" else None
+        self.base = BaseModelScorer(self.model_dir) if cfg.rollouts_need_base_logprobs else None
         self.counters = WorkerCounters()
         self._token_cache: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event, max_steps: int | None = None) -> None:
         while not stop.is_set() and (max_steps is None or self.counters.steps < max_steps):
+            used = self.engine.weight_version
             self.step()
+            if self.cfg.learner.sync:  # synchronous mode: one batch per weight version, then wait for the next
+                while not stop.is_set() and self.store.policy_version() <= used:
+                    time.sleep(0.02)
 
     def step(self) -> int:
         self.sync_weights()
@@ -227,7 +231,7 @@ class RolloutActor:
         cfg = RunConfig.model_validate_json(cfg_json)
         self.actor_id = actor_id
         self.scheduler = scheduler
-        store = connect_store(cfg.replay, run_name=cfg.name, server=replay_server)
+        store = connect_store(cfg.replay, run_name=cfg.replay_namespace, server=replay_server)
         ray.get(scheduler.release_actor.remote(actor_id))  # a restarted incarnation frees its predecessor's leases
         self.worker = RolloutWorker(
             actor_id=actor_id,
@@ -301,7 +305,7 @@ def start_rollout_actor(
 
     res = cfg.cluster.rollout_resources
     actor_cls = ray.remote(RolloutActor).options(
-        name=f"{cfg.name}-{actor_id}",
+        name=f"{cfg.replay_namespace}-{actor_id}",
         namespace=cfg.cluster.namespace,
         num_cpus=res.num_cpus,
         num_gpus=res.num_gpus,

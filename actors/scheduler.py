@@ -120,7 +120,7 @@ class SchedulerServer:
         cfg = RunConfig.model_validate_json(cfg_json)
         lookup: EstimateLookup | None = None
         if isinstance(cfg.rollout.scheduler, PacedSchedulerConfig):
-            store = connect_store(cfg.replay, run_name=cfg.name, server=replay_server)
+            store = connect_store(cfg.replay, run_name=cfg.replay_namespace, server=replay_server)
 
             def lookup(ids: Sequence[str]) -> list[float | None]:
                 return [s.acc_estimate for s in store.prompt_stats(list(ids))]

@@ -33,6 +33,7 @@ examples:
   paceflow schema objective                          every objective field with its type, default and meaning
   paceflow prepare smollm2_cpu                       convert/cache the model and check the task data
   paceflow demo smollm2_cpu --prompts 4              sample and score rollout groups on this machine
+  paceflow train tiny_cpu                            train end to end on this CPU (minutes)
 """
 
 
@@ -109,6 +110,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     with_config(p)
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser(
+        "train",
+        help="train: rollout actors + replay + learner, with a live progress display",
+        description="Run the configured experiment: start a local Ray (or join cluster.address), the replay "
+        "(in-process or Redis), cluster.num_rollout_actors rollout actors and the DeepSpeed learner, train for "
+        "learner.num_steps steps, evaluate every eval.every_steps, and save a Hugging Face checkpoint to "
+        "output_dir/name/final. Metrics go to output_dir/name/metrics.jsonl.",
+    )
+    with_config(p)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (a quick smoke run)")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser(
         "demo",
@@ -189,6 +202,19 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"warning: {note}")
     if task.skipped_rows:
         print(f"skipped {task.skipped_rows} malformed rows: {'; '.join(task.skip_reasons)}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cluster.launch import train
+
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps: got {args.max_steps} (must be >= 1)")
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, console=Console(), max_steps=args.max_steps)
+    print(f"done: {len(summary.steps)} steps; run directory {summary.run_dir}")
     return 0
 
 

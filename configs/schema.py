@@ -493,6 +493,21 @@ class EvalConfig(Section):
 class RunConfig(Section):
     """One experiment. Load it with `configs.load.load_config(path, overrides)`."""
 
+    @property
+    def replay_namespace(self) -> str:
+        """The run's name in shared services: the Redis key prefix suffix, the weights folder."""
+        return f"{self.name}-{self.run_id}" if self.run_id else self.name
+
+    @property
+    def rollouts_need_base_logprobs(self) -> bool:
+        """Whether rollouts must carry the frozen base/reference model's per-token log-probs."""
+        obj = self.objective
+        return (
+            obj.kind == "powerflow"
+            or (obj.kind == "tb" and obj.use_reference)
+            or (obj.kind == "grpo" and obj.kl_coef > 0)
+        )
+
     def to_worker_json(self) -> str:
         """The config for the run's own processes (Ray actors): JSON, with secrets included."""
         return self.model_dump_json(context={"reveal_secrets": True})
@@ -505,6 +520,8 @@ class RunConfig(Section):
     """Seed for prompts, sampling, initialisation and replay sampling."""
     output_dir: Path = Path("runs")
     """Checkpoints, resolved config and logs go to output_dir/name."""
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Set by `paceflow train` (a timestamp) so that runs sharing a name never share replay keys or weight files."""
     model: ModelConfig
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     task: TaskConfig

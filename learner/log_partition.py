@@ -84,24 +84,3 @@ def accuracy_estimate(log_z_B: Tensor, beta: float) -> Tensor:
 def replay_priority(num_correct_B: Tensor, group_size: int, acc_estimate_B: Tensor) -> Tensor:
     """e(x) = |N_correct(x)/G - a(x)|: how wrong the accuracy estimate was on the group just rolled out."""
     return (at_least_f32(num_correct_B) / group_size - at_least_f32(acc_estimate_B)).abs()
-
-
-def optimizer_param_groups(
-    policy: nn.Module, log_z: nn.Module | None, *, lr: float, weight_decay: float, log_z_lr: float
-) -> list[dict[str, object]]:
-    """AdamW groups: the policy with its LR and weight decay, the log Z parameters on their own LR, no decay.
-
-    The head is a separate module, so the policy's state_dict (what is published to rollout engines) never
-    contains it; the learner checkpoints both.
-    """
-    groups: list[dict[str, object]] = [
-        {
-            "name": "policy",
-            "params": [p for p in policy.parameters() if p.requires_grad],
-            "lr": lr,
-            "weight_decay": weight_decay,
-        },
-    ]
-    if log_z is not None:
-        groups.append({"name": "log_z", "params": list(log_z.parameters()), "lr": log_z_lr, "weight_decay": 0.0})
-    return groups

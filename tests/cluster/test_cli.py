@@ -10,7 +10,7 @@ import pytest
 from cluster.cli import main
 from configs.load import preset_names
 
-SUBCOMMANDS = ["validate", "presets", "schema", "prepare", "demo"]
+SUBCOMMANDS = ["validate", "presets", "schema", "prepare", "train", "demo"]
 
 
 def test_console_script_help_lists_every_subcommand() -> None:
@@ -30,7 +30,7 @@ def test_each_subcommand_has_useful_help(command: str, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert f"usage: paceflow {command}" in out
     assert len(out.splitlines()) >= 4
-    if command in {"validate", "prepare", "demo"}:
+    if command in {"validate", "prepare", "train", "demo"}:
         assert "key.sub=value" in out and "tiny_cpu" in out  # overrides and preset names are documented
 
 

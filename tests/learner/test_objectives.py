@@ -448,17 +448,3 @@ def test_token_logprobs_in_bf16_are_summed_in_float32() -> None:
     logp_BT, _ = token_logprobs(policy, batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT)
     assert logp_BT.dtype == torch.float32
     assert torch.equal(logp_BT[batch.response_mask_BT == 0], torch.zeros(int((batch.response_mask_BT == 0).sum())))
-
-
-def test_log_z_heads_have_their_own_optimizer_group_and_stay_out_of_the_policy_weights() -> None:
-    from learner.log_partition import optimizer_param_groups
-
-    policy, head = ToyPolicy(2), LogZHead(8)
-    groups = optimizer_param_groups(policy, head, lr=1e-5, weight_decay=0.1, log_z_lr=1e-3)
-    by_name = {g["name"]: g for g in groups}
-    assert by_name["log_z"]["lr"] == 1e-3 and by_name["log_z"]["weight_decay"] == 0.0
-    assert by_name["policy"]["lr"] == 1e-5 and by_name["policy"]["weight_decay"] == 0.1
-    head_ids = {id(p) for p in head.parameters()}
-    assert not head_ids & {id(p) for p in by_name["policy"]["params"]}  # type: ignore[union-attr]
-    assert not set(head.state_dict()) & set(policy.state_dict())
-    torch.optim.AdamW(groups)  # the groups are valid optimizer input

@@ -1,0 +1,107 @@
+"""The only module that imports DeepSpeed: build the policy's engine from `learner:` config, accumulate
+micro-batch gradients, step, save and load.
+
+ZeRO stage 0-3 from `learner.deepspeed.zero_stage` (all four run on CPU; gloo when there is no GPU). Gradient
+accumulation is driven by the learner, not by a fixed `gradient_accumulation_steps`: a step has as many
+micro-batches as its sampled groups need, so the boundary is set explicitly before each backward.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from configs.schema import LearnerConfig
+
+
+def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW: DeepSpeed's fused CPU Adam would JIT-compile a C++ extension first (~155 s here).
+            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True},
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.warmup_steps:
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": cfg.warmup_steps},
+        }
+    return config
+
+
+def _single_process_env() -> None:
+    """A one-process world when no launcher set one up (a Ray actor, a test, a laptop run)."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
+
+
+class PolicyEngine:
+    def __init__(self, model: nn.Module, cfg: LearnerConfig) -> None:
+        import deepspeed
+
+        _single_process_env()
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg),
+        )
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def backward(self, loss: Tensor, *, last: bool) -> None:
+        """Accumulate gradients of an already-scaled micro-batch loss; `last` marks the step's boundary."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        """Apply the accumulated gradients; returns the global gradient norm before clipping."""
+        local = [p.grad for p in self.module.parameters() if p.grad is not None]
+        # ZeRO-2/3 partition the gradients and report the norm themselves; stages 0/1 leave them on the params.
+        fallback = float(torch.nn.utils.get_total_norm(local)) if local else float("nan")
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else fallback
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The whole policy, gathered from ZeRO-3 shards when needed, on CPU."""
+        if self.engine.zero_optimization_stage() == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.module.state_dict()
+        return {k: v.detach().cpu() for k, v in state.items()}
+
+    def save_checkpoint(self, directory: Path, *, tag: str, client_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+
+    def load_checkpoint(self, directory: Path, *, tag: str | None = None) -> dict[str, Any]:
+        _, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
+        return client_state or {}

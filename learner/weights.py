@@ -1,0 +1,70 @@
+"""Publishing policy weights to the rollout actors: a Hugging Face safetensors directory per version, plus a
+`WeightVersion` announcement carrying a teacher-forced probe so every actor can verify its update took effect.
+
+Directories are written to a temporary name and renamed, so an actor never reads a half-written version; old
+versions beyond `keep` are deleted. The log Z heads are separate modules and are never written here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from learner.logprobs import token_logprobs
+from replay.records import WeightVersion
+
+PROBE_TOLERANCE = {"float32": 2e-3, "bfloat16": 0.15, "float16": 0.05}
+
+
+def publish_weights(
+    model: Any,
+    state_dict: dict[str, Tensor],
+    root: Path,
+    *,
+    version: int,
+    step: int,
+    probe: tuple[list[int], list[int]],
+    engine_dtype: str,
+    keep: int = 2,
+) -> WeightVersion:
+    """Write `state_dict` (the full policy) as version `version` under `root` and return its announcement."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"v{version}"
+    tmp = root / f".v{version}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    for old in root.glob("v*"):  # actors may still be loading the last few versions: keep those
+        if old.name[1:].isdigit() and int(old.name[1:]) <= version - keep:
+            shutil.rmtree(old, ignore_errors=True)
+    prompt, response = probe
+    return WeightVersion(
+        version=version,
+        path=str(final),
+        step=step,
+        created_at=time.time(),
+        probe_prompt=prompt,
+        probe_response=response,
+        probe_logprobs=probe_logprobs(model, prompt, response),
+        probe_tolerance=PROBE_TOLERANCE[engine_dtype],
+    )
+
+
+@torch.no_grad()
+def probe_logprobs(model: Any, prompt: list[int], response: list[int]) -> list[float]:
+    ids = torch.tensor([prompt + response])
+    mask = torch.tensor([[0] * len(prompt) + [1] * len(response)])
+    was_training = model.training
+    model.eval()
+    try:
+        logp, _ = token_logprobs(model, ids, torch.ones_like(ids), mask)
+    finally:
+        model.train(was_training)
+    return logp[0, len(prompt) :].tolist()
