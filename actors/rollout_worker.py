@@ -78,15 +78,21 @@ class RolloutWorker:
         self.base = BaseModelScorer(self.model_dir) if cfg.rollouts_need_base_logprobs else None
         self.counters = WorkerCounters()
         self._token_cache: dict[str, list[int]] = {}
+        self._steps_at_version = 0
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event, max_steps: int | None = None) -> None:
+        sync = self.cfg.learner.sync
         while not stop.is_set() and (max_steps is None or self.counters.steps < max_steps):
-            used = self.engine.weight_version
+            # Synchronous mode: generate only once the learner has consumed the last batch, then wait for the
+            # version it trains next, so every batch comes from the newest weights (and a resumed run
+            # regenerates nothing the checkpoint already holds).
+            while sync and not stop.is_set() and self.store.stats().fresh > 0:
+                time.sleep(0.02)
             self.step()
-            if self.cfg.learner.sync:  # synchronous mode: one batch per weight version, then wait for the next
-                while not stop.is_set() and self.store.policy_version() <= used:
-                    time.sleep(0.02)
+            used = self.engine.weight_version
+            while sync and not stop.is_set() and self.store.policy_version() <= used:
+                time.sleep(0.02)
 
     def step(self) -> int:
         self.sync_weights()
@@ -109,9 +115,11 @@ class RolloutWorker:
             return []
         version = self.engine.weight_version
         start = time.perf_counter()
-        outputs = self.engine.generate(
-            [ids for _, ids in kept], self.cfg.rollout.sampling, seed=self.seed * 1_000_003 + self.counters.steps
-        )
+        # Seeded by weight version and the step within it, so a resumed synchronous run samples what an
+        # uninterrupted one would have.
+        seed = (self.seed * 1_000_003 + version * 1_009 + self._steps_at_version) % 2**31
+        outputs = self.engine.generate([ids for _, ids in kept], self.cfg.rollout.sampling, seed=seed)
+        self._steps_at_version += 1
         self.counters.generate_s += time.perf_counter() - start
         groups = []
         for (prompt, ids), samples in zip(kept, outputs, strict=True):
@@ -169,6 +177,7 @@ class RolloutWorker:
             return False
         self.engine.load_weights(Path(latest.path), latest.version)
         verify_weights(self, latest)
+        self._steps_at_version = 0
         self.counters.weight_updates += 1
         self.counters.weight_version = latest.version
         return True

@@ -108,6 +108,18 @@ class PromptScheduler:
         with self._lock:
             return dict(self.leases)
 
+    def state(self) -> dict[str, object]:
+        """JSON-able position of the scheduler (random state and epoch order), for checkpoints."""
+        with self._lock:
+            version, internal, gauss = self.rng.getstate()
+            return {"rng": [version, list(internal), gauss], "order": list(self._order)}
+
+    def restore(self, state: dict[str, object]) -> None:
+        version, internal, gauss = state["rng"]  # type: ignore[misc]
+        with self._lock:
+            self.rng.setstate((version, tuple(internal), gauss))
+            self._order = [p for p in state["order"] if p in set(self.prompt_ids)]  # type: ignore[attr-defined]
+
 
 class SchedulerServer:
     """One PromptScheduler for every rollout actor of a run, as a Ray actor; PACED estimates come from the store."""
@@ -139,6 +151,12 @@ class SchedulerServer:
 
     def leased(self) -> dict[str, str]:
         return self.scheduler.leased()
+
+    def state(self) -> dict[str, object]:
+        return self.scheduler.state()
+
+    def restore(self, state: dict[str, object]) -> None:
+        self.scheduler.restore(state)
 
 
 def start_scheduler_server(cfg_json: str, replay_server: object | None = None) -> object:

@@ -11,6 +11,7 @@ import json
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -121,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     with_config(p)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (a quick smoke run)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR (output_dir/name) from its last checkpoint: learner, optimizer, log Z, "
+        "replay, scheduler and counters",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -213,7 +221,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"--max-steps: got {args.max_steps} (must be >= 1)")
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, console=Console(), max_steps=args.max_steps)
+    summary = train(cfg, console=Console(), max_steps=args.max_steps, resume=Path(args.resume) if args.resume else None)
     print(f"done: {len(summary.steps)} steps; run directory {summary.run_dir}")
     return 0
 

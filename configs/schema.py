@@ -429,6 +429,8 @@ class LearnerConfig(Section):
     """A new weight version is sent to the actors every this many steps."""
     sync: bool = False
     """Synchronous mode: actors wait for each new version (exact comparison with GRPO-style systems)."""
+    checkpoint_every_steps: int = Field(0, ge=0)
+    """Write a resumable checkpoint every this many steps (0: only at the end of the run)."""
     dtype: DType = "float32"
     """Compute dtype of the learner (sums of log-probs are always float32)."""
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
@@ -569,6 +571,18 @@ class RunConfig(Section):
                 raise ValueError(
                     f"tokenizer.max_prompt_tokens + rollout.sampling.max_new_tokens = {longest} exceeds "
                     f"rollout.engine.max_model_len={self.rollout.engine.max_model_len}"
+                )
+        if self.learner.sync:
+            if self.replay.fresh_fraction != 1.0:
+                raise ValueError(
+                    f"learner.sync trains on exactly the newest groups: replay.fresh_fraction must be 1.0, "
+                    f"got {self.replay.fresh_fraction}"
+                )
+            produced = self.rollout.prompts_per_batch * self.cluster.num_rollout_actors
+            if produced < self.learner.groups_per_step:
+                raise ValueError(
+                    f"learner.sync: the actors produce rollout.prompts_per_batch x cluster.num_rollout_actors = "
+                    f"{produced} groups per version, fewer than learner.groups_per_step={self.learner.groups_per_step}"
                 )
         if self.eval.every_steps and task.eval_size == 0:
             raise ValueError("eval.every_steps > 0 but task.eval_size = 0: there is nothing to evaluate on")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from configs.schema import PacedObjectiveConfig, PowerFlowObjectiveConfig, RunConfig, TBObjectiveConfig
 from learner.batching import TrainBatch, collate, micro_batches
+from learner.checkpoint import load_state, save_state
 from learner.deepspeed_engine import PolicyEngine
 from learner.log_partition import LogZHead, ZPhi, accuracy_estimate
 from learner.logprobs import token_logprobs
@@ -236,13 +237,18 @@ class Learner:
         response = batch.input_ids_BT[0][batch.response_mask_BT[0].bool()].tolist()[:16]
         return prompt, response or [self.pad_id]
 
-    def publish(self) -> None:
-        """Write the current policy as the next version and announce it (log Z heads are never included)."""
-        self.version += 1
+    def publish(self, *, bump: bool = True) -> None:
+        """Write the current policy as the next version (or again as the current one, after a resume) and announce
+        it; the log Z heads are never included."""
+        self.version += int(bump)
         module = self.engine.module
+        engine_dtype = _DTYPES[self.cfg.model.dtype]  # what the rollout engines hold: half the bytes for bf16
+        state = {
+            k: v.to(engine_dtype) if v.is_floating_point() else v for k, v in self.engine.full_state_dict().items()
+        }
         weights = publish_weights(
             module,
-            self.engine.full_state_dict(),
+            state,
             self.weights_root,
             version=self.version,
             step=self.step_count,
@@ -250,6 +256,45 @@ class Learner:
             engine_dtype=self.cfg.model.dtype,
         )
         self.store.announce_weights(weights)
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, directory: Path) -> None:
+        """Policy (Hugging Face format), optimizer states, log Z head, counters and RNG; safetensors + JSON only."""
+        optimizer = self.engine.engine.optimizer
+        state: dict[str, Any] = {
+            "step": self.step_count,
+            "version": self.version,
+            "probe": list(self._probe) if self._probe else None,
+            "policy_optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "embeddings": dict(self._embeddings),
+        }
+        if self.log_z is not None and self.log_z_opt is not None:
+            state["log_z"] = self.log_z.state_dict()
+            state["log_z_optimizer"] = self.log_z_opt.state_dict()
+        self.save_pretrained(directory / "policy")
+        save_state(directory / "learner", state)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights: dict[str, Tensor] = {}
+        for path in sorted((directory / "policy").glob("*.safetensors")):
+            weights.update(load_file(str(path)))
+        missing, unexpected = self.engine.module.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise ValueError(
+                f"{directory}: checkpoint does not fit the model (missing {missing}, unexpected {unexpected})"
+            )
+        state = load_state(directory / "learner")
+        self.engine.engine.optimizer.load_state_dict(state["policy_optimizer"])
+        if self.log_z is not None and self.log_z_opt is not None:
+            self.log_z.load_state_dict(state["log_z"])
+            self.log_z_opt.load_state_dict(state["log_z_optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self._embeddings = dict(state.get("embeddings") or {})
+        self.step_count, self.version = int(state["step"]), int(state["version"])
+        self._probe = (list(state["probe"][0]), list(state["probe"][1])) if state["probe"] else None
 
     def save_pretrained(self, directory: Path) -> None:
         """A Hugging Face checkpoint of the policy that loads in transformers and vLLM."""

@@ -6,10 +6,13 @@ staleness and proportional sampling are vectorised (O(N) numpy per call, microse
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import msgpack
 import numpy as np
 
 from configs.schema import MemoryReplayConfig, ReplayConfig
@@ -221,6 +224,59 @@ class MemoryStore:
                 policy_version=self._version_now,
                 **self._counts,
             )
+
+    # ----------------------------------------------------------------------------------------- persistence
+    def save(self, path: Path) -> None:
+        """Everything, as one msgpack file (numeric columns as raw little-endian buffers); written atomically."""
+        with self._lock:
+            n = len(self._keys)
+            state = {
+                "format": 1,
+                "keys": self._keys,
+                "payloads": [self._payloads[k] for k in self._keys],
+                "priority": self._priority[:n].astype("<f8").tobytes(),
+                "version": self._version[:n].astype("<i8").tobytes(),
+                "seq": self._seq[:n].astype("<i8").tobytes(),
+                "times_sampled": self._times_sampled[:n].astype("<i8").tobytes(),
+                "next_seq": self._next_seq,
+                "version_now": self._version_now,
+                "counts": self._counts,
+                "prompt_correct": self._prompt_correct,
+                "prompt_total": self._prompt_total,
+                "prompt_estimate": self._prompt_estimate,
+                "seen": list(self._seen),
+                "weights": self._weights,
+                "quarantine": self.quarantine,
+            }
+            data = msgpack.packb(state, use_bin_type=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, cfg: ReplayConfig) -> MemoryStore:
+        raw = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+        if not isinstance(raw, dict) or raw.get("format") != 1:
+            raise ValueError(f"{path}: not a paceflow in-process replay snapshot")
+        store = cls(cfg)
+        columns = {
+            name: np.frombuffer(raw[name], dtype=dt)
+            for name, dt in (("priority", "<f8"), ("version", "<i8"), ("seq", "<i8"), ("times_sampled", "<i8"))
+        }
+        for i, (key, payload) in enumerate(zip(raw["keys"], raw["payloads"], strict=True)):
+            store._insert(key, payload, float(columns["priority"][i]), int(columns["version"][i]))
+            store._seq[i] = columns["seq"][i]
+            store._times_sampled[i] = columns["times_sampled"][i]
+        store._next_seq = int(raw["next_seq"])
+        store._version_now = int(raw["version_now"])
+        store._counts.update({k: int(v) for k, v in raw["counts"].items()})
+        store._prompt_correct = {str(k): float(v) for k, v in raw["prompt_correct"].items()}
+        store._prompt_total = {str(k): int(v) for k, v in raw["prompt_total"].items()}
+        store._prompt_estimate = {str(k): float(v) for k, v in raw["prompt_estimate"].items()}
+        store._seen = OrderedDict.fromkeys(raw["seen"])
+        store._weights = raw["weights"]
+        store.quarantine = list(raw["quarantine"])
+        return store
 
     def quarantined(self) -> list[bytes]:
         with self._lock:

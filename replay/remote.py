@@ -10,6 +10,7 @@ top of an actor handle, so the learner and the actors use it like any other stor
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -33,9 +34,13 @@ from replay.store import ReplayStats, check_add_arguments, decode_draw
 class ReplayServer:
     """Holds the store. Methods take and return plain data only."""
 
-    def __init__(self, cfg_json: str) -> None:
-        self.store = MemoryStore(MemoryReplayConfig.model_validate_json(cfg_json))
+    def __init__(self, cfg_json: str, snapshot: str | None = None) -> None:
+        cfg = MemoryReplayConfig.model_validate_json(cfg_json)
+        self.store = MemoryStore.load(Path(snapshot), cfg) if snapshot else MemoryStore(cfg)
         self.rejected = 0
+
+    def save(self, path: str) -> None:
+        self.store.save(Path(path))
 
     def add(self, payloads: list[bytes], priorities: list[float]) -> list[str]:
         groups, kept_priorities = [], []
@@ -98,11 +103,14 @@ class ReplayServer:
         return len(self.store)
 
 
-def start_replay_server(cfg: MemoryReplayConfig, *, name: str | None = None, namespace: str | None = None) -> Any:
-    """Start the actor (threaded, so writers and the learner are served concurrently; the store has a lock)."""
+def start_replay_server(
+    cfg: MemoryReplayConfig, *, name: str | None = None, namespace: str | None = None, snapshot: Path | None = None
+) -> Any:
+    """Start the actor (threaded, so writers and the learner are served concurrently; the store has a lock),
+    empty or from a snapshot written by `ReplayServer.save`."""
     actor_cls = ray.remote(num_cpus=0, max_concurrency=16)(ReplayServer)
     options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True} if name else {}
-    return actor_cls.options(**options).remote(cfg.model_dump_json())
+    return actor_cls.options(**options).remote(cfg.model_dump_json(), str(snapshot) if snapshot else None)
 
 
 class RemoteStore:
