@@ -14,23 +14,14 @@ safetensors version to shared memory and computes the probe; the baseline is `{k
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-    return f"{platform.machine()} {model}, {subprocess.getoutput('nproc')} cores, Python {platform.python_version()}"
+from _common import run_per_model
 
 
 def best_of(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -83,8 +74,11 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
             engine.module, batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT, return_hidden=True
         )
         inputs = ObjectiveInputs(
-            logp_BT=logp, mask_BT=batch.response_mask_BT, group_B=batch.group_B,
-            log_reward_B=tb_log_reward(batch.reward_B, objective.beta), log_z_B=head(hidden, batch.prompt_mask_BT),
+            logp_BT=logp,
+            mask_BT=batch.response_mask_BT,
+            group_B=batch.group_B,
+            log_reward_B=tb_log_reward(batch.reward_B, objective.beta),
+            log_z_B=head(hidden, batch.prompt_mask_BT),
         )
         engine.backward(tb_loss(inputs, objective).loss, last=True)
         engine.step()
@@ -106,8 +100,15 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
     probe = (batch.input_ids_BT[0, : args.prompt_tokens].tolist(), batch.input_ids_BT[0, args.prompt_tokens :].tolist())
 
     def publish() -> None:
-        publish_weights(engine.module, engine.full_state_dict(), root, version=next(version), step=0, probe=probe,
-                        engine_dtype="float32")
+        publish_weights(
+            engine.module,
+            engine.full_state_dict(),
+            root,
+            version=next(version),
+            step=0,
+            probe=probe,
+            engine_dtype="float32",
+        )
 
     publish_s = best_of(publish, args.repeats)
     return {
@@ -135,16 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
-    from cluster.models import resolve_model_dir
-    from configs.schema import SmolLM2ModelConfig, TinyModelConfig
-
-    cache = Path(__file__).resolve().parent.parent / ".cache" / "models"
-    rows = []
-    for name in args.models:
-        cfg = TinyModelConfig(cache_dir=cache) if name == "tiny" else SmolLM2ModelConfig(cache_dir=cache)
-        rows.append(bench_model(name, resolve_model_dir(cfg), args))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(json.dumps({"machine": machine(), "results": rows}, indent=2))
+    run_per_model(args.models, lambda name, model_dir: bench_model(name, model_dir, args))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import machine
 
 from cluster.services import start_redis
 from configs.schema import MemoryReplayConfig, RedisReplayConfig
@@ -110,22 +110,6 @@ def raw_redis(port: int, value_bytes: int) -> dict:
         cells = [c.strip('"') for c in line.split(",")]
         rates[cells[0].lower() + "_ops_per_s"] = round(float(cells[1]))
     return rates
-
-
-def machine() -> str:
-    model = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor() or "unknown cpu",
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor()
-    )
-    return f"{platform.machine()} {model}, {subprocess.getoutput('nproc')} cores, Python {platform.python_version()}"
 
 
 def main() -> None:

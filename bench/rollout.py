@@ -13,31 +13,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import run_per_model
+
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout for the JSON result
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    model = (
-        next(
-            (ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")),
-            platform.processor(),
-        )
-        if cpuinfo.exists()
-        else platform.processor()
-    )
-    return f"{platform.machine()} {model}, {subprocess.getoutput('nproc')} cores, Python {platform.python_version()}"
 
 
 def timed(fn, repeats: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
@@ -131,16 +117,7 @@ def main() -> None:
     parser.add_argument("--vllm-dtypes", nargs="+", default=["float32", "bfloat16"])
     args = parser.parse_args()
 
-    from cluster.models import resolve_model_dir
-    from configs.schema import SmolLM2ModelConfig, TinyModelConfig
-
-    cache = Path(__file__).resolve().parent.parent / ".cache" / "models"
-    rows = []
-    for name in args.models:
-        cfg = TinyModelConfig(cache_dir=cache) if name == "tiny" else SmolLM2ModelConfig(cache_dir=cache)
-        rows.append(bench_model(name, resolve_model_dir(cfg), args))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(json.dumps({"machine": machine(), "results": rows}, indent=2))
+    run_per_model(args.models, lambda name, model_dir: bench_model(name, model_dir, args))
 
 
 if __name__ == "__main__":

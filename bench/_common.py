@@ -1,0 +1,34 @@
+"""Shared by the benchmark scripts: the machine description and the per-model loop that prints JSON."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_CACHE = REPO / ".cache" / "models"
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    return f"{platform.machine()} {model}, {subprocess.getoutput('nproc')} cores, Python {platform.python_version()}"
+
+
+def run_per_model(models: list[str], bench_model: Callable[[str, Path], dict[str, Any]]) -> None:
+    """Bench each of 'tiny' / 'smollm2-135m'; a row per model on stderr as it finishes, the whole JSON on stdout."""
+    from cluster.models import resolve_model_dir
+    from configs.schema import SmolLM2ModelConfig, TinyModelConfig
+
+    rows = []
+    for name in models:
+        cfg = TinyModelConfig(cache_dir=MODEL_CACHE) if name == "tiny" else SmolLM2ModelConfig(cache_dir=MODEL_CACHE)
+        rows.append(bench_model(name, resolve_model_dir(cfg)))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(json.dumps({"machine": machine(), "results": rows}, indent=2))
