@@ -17,6 +17,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,17 +82,25 @@ class RolloutWorker:
         self._steps_at_version = 0
 
     # ------------------------------------------------------------------------------------------ the loop
-    def run(self, stop: threading.Event, max_steps: int | None = None) -> None:
+    def run(
+        self, stop: threading.Event, max_steps: int | None = None, last_version: Callable[[], int | None] = lambda: None
+    ) -> None:
+        """Loop until `stop` is set (after the current step). In synchronous mode the loop also ends by itself once
+        it has produced the batch for `last_version()`, so a run that stops leaves no half-consumed batch."""
         sync = self.cfg.learner.sync
         while not stop.is_set() and (max_steps is None or self.counters.steps < max_steps):
             # Synchronous mode: generate only once the learner has consumed the last batch, then wait for the
-            # version it trains next, so every batch comes from the newest weights (and a resumed run
-            # regenerates nothing the checkpoint already holds).
+            # version it trains next, so every batch comes from the newest weights.
             while sync and not stop.is_set() and self.store.stats().fresh > 0:
                 time.sleep(0.02)
+            if stop.is_set():
+                break
             self.step()
             used = self.engine.weight_version
             while sync and not stop.is_set() and self.store.policy_version() <= used:
+                final = last_version()
+                if final is not None and used >= final:
+                    return
                 time.sleep(0.02)
 
     def step(self) -> int:
@@ -252,6 +261,7 @@ class RolloutActor:
         )
         self.worker.sync_weights()
         self.error: str | None = None
+        self._last_version: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"rollout-{actor_id}", daemon=True)
         if autostart:
@@ -259,7 +269,7 @@ class RolloutActor:
 
     def _loop(self) -> None:
         try:
-            self.worker.run(self._stop)
+            self.worker.run(self._stop, last_version=lambda: self._last_version)
         except Exception as exc:  # surface it to the driver, then die so Ray restarts a clean incarnation
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("rollout loop of %s failed", self.actor_id)
@@ -270,6 +280,10 @@ class RolloutActor:
     def start(self) -> None:
         if not self._thread.is_alive():
             self._thread.start()
+
+    def finish_after(self, version: int) -> None:
+        """Synchronous mode: produce the batch for `version`, then stop (the run's last learner step needs it)."""
+        self._last_version = version
 
     def stop(self, timeout_s: float = 120.0) -> dict[str, Any]:
         """Finish the current step, then stop; returns the final counters."""

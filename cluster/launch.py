@@ -222,6 +222,8 @@ def _drive(
     with metrics_path.open(mode) as metrics_file, Live(console=console, refresh_per_second=4, transient=False) as live:
         num_steps = steps.stop - 1
         for step in steps:
+            if cfg.learner.sync and step == num_steps:  # the actors make this step's batch, then stop cleanly
+                ray.get([actor.finish_after.remote(step - 1) for actor in actors])
             result = ray.get(learner.step.remote(600.0))
             if result is None:
                 raise RuntimeError("the replay stayed empty for 600 s: are the rollout actors alive? see ray logs")
@@ -274,8 +276,9 @@ def _start_ray(cfg: RunConfig) -> None:
 
     if ray.is_initialized():
         return
-    if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address, namespace=cfg.cluster.namespace, log_to_driver=False)
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets RAY_ADDRESS
+    if address:
+        ray.init(address=address, namespace=cfg.cluster.namespace, log_to_driver=False)
         return
     # The embedded default: a local Ray sized to what the run asks for (logical CPUs may exceed the cores).
     asked = cfg.cluster.num_rollout_actors * cfg.cluster.rollout_resources.num_cpus
@@ -290,6 +293,6 @@ def _start_ray(cfg: RunConfig) -> None:
 
 def _weights_root(cfg: RunConfig) -> Path:
     """Shared memory on one machine (fast, nothing on disk); the run directory when joining a cluster."""
-    if cfg.cluster.address is None and Path("/dev/shm").is_dir():
+    if cfg.cluster.address is None and not os.environ.get("RAY_ADDRESS") and Path("/dev/shm").is_dir():
         return Path("/dev/shm") / "paceflow" / cfg.replay_namespace
     return Path(cfg.output_dir).expanduser() / cfg.name / "weights" / cfg.replay_namespace

@@ -454,7 +454,8 @@ class ClusterConfig(Section):
     """Where the processes run. Rollout actors scale independently of the learner."""
 
     address: str | None = None
-    """Ray address to join ('auto', 'ray://host:10001'); None starts a local Ray (the embedded default)."""
+    """Ray address to join ('auto', 'ray://host:10001'); None joins RAY_ADDRESS when set (as under
+    `ray job submit`) and otherwise starts a local Ray (the embedded default)."""
     num_rollout_actors: int = Field(1, ge=1, le=4096)
     """Rollout actors; add more to raise sample throughput without touching the learner."""
     rollout_resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
@@ -573,6 +574,11 @@ class RunConfig(Section):
                     f"rollout.engine.max_model_len={self.rollout.engine.max_model_len}"
                 )
         if self.learner.sync:
+            if self.learner.publish_every_steps != 1:
+                raise ValueError(
+                    "learner.sync waits for a new weight version after every batch: learner.publish_every_steps must "
+                    f"be 1, got {self.learner.publish_every_steps}"
+                )
             if self.replay.fresh_fraction != 1.0:
                 raise ValueError(
                     f"learner.sync trains on exactly the newest groups: replay.fresh_fraction must be 1.0, "

@@ -97,6 +97,11 @@ class Learner:
     def step(self, *, wait_timeout_s: float = 600.0) -> StepResult | None:
         """One optimizer step; None when the replay stayed empty for `wait_timeout_s`."""
         start = time.perf_counter()
+        if self.cfg.learner.sync:  # one batch per version: wait until the actors delivered this version's groups
+            while self.store.stats().fresh < self.cfg.learner.groups_per_step:
+                if time.perf_counter() - start > wait_timeout_s:
+                    return None
+                time.sleep(0.02)
         sampled = self.store.sample(self.cfg.learner.groups_per_step, seed=self.cfg.seed * 100_003 + self.step_count)
         while not sampled.groups:
             if time.perf_counter() - start > wait_timeout_s:
