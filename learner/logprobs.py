@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -33,12 +34,15 @@ def token_logprobs(
         raise ValueError("response_mask marks position 0, which has no preceding token to predict it from")
     out = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, output_hidden_states=return_hidden)
     logits_BTV = at_least_f32(out.logits[:, :-1])
-    targets_BT = input_ids_BT[:, 1:]
-    # log_softmax via logsumexp avoids materialising a second (B, T, V) tensor.
-    picked_BT = logits_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1) - logits_BTV.logsumexp(-1)
-    mask_BT = response_mask_BT[:, 1:].to(picked_BT.dtype)
-    logp_BT = torch.zeros(input_ids_BT.shape, dtype=picked_BT.dtype, device=picked_BT.device)
-    logp_BT[:, 1:] = torch.where(mask_BT > 0, picked_BT, torch.zeros_like(picked_BT))
+    mask_BT = response_mask_BT[:, 1:].bool()
+    targets_BT = input_ids_BT[:, 1:].masked_fill(~mask_BT, -100)
+    # The fused cross-entropy kernel (log-softmax + gather in one pass, forward and backward): measured faster than
+    # gather - logsumexp on a 49k vocabulary. Positions outside the response are ignored and come out as 0.
+    nll_BT = F.cross_entropy(
+        logits_BTV.reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(targets_BT.shape)
+    logp_BT = torch.zeros(input_ids_BT.shape, dtype=nll_BT.dtype, device=nll_BT.device)
+    logp_BT[:, 1:] = -nll_BT
     hidden = out.hidden_states[-1] if return_hidden else None
     return logp_BT, hidden
 
