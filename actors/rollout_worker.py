@@ -201,11 +201,12 @@ def verify_weights(worker: RolloutWorker, weights: WeightVersion) -> None:
     if not weights.probe_response:
         return
     got = engine_logprobs(worker.engine, weights.probe_prompt, weights.probe_response)
-    gap = max(abs(a - b) for a, b in zip(got, weights.probe_logprobs, strict=True))
+    # The mean, not the max: in bf16 single unlikely tokens differ by up to ~0.2 nats even with identical weights.
+    gap = sum(abs(a - b) for a, b in zip(got, weights.probe_logprobs, strict=True)) / len(got)
     if not math.isfinite(gap) or gap > weights.probe_tolerance:
         raise WeightSyncError(
             f"{worker.actor_id}: after loading weights v{weights.version} from {weights.path} the probe log-probs "
-            f"differ by {gap:.3g} (> {weights.probe_tolerance}); the engine does not hold the new weights"
+            f"differ by {gap:.3g} on average (> {weights.probe_tolerance}); the engine does not hold the new weights"
         )
 
 

