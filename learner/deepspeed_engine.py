@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,9 +98,13 @@ class PolicyEngine:
             state = self.module.state_dict()
         return {k: v.detach().cpu() for k, v in state.items()}
 
-    def save_checkpoint(self, directory: Path, *, tag: str, client_state: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+    def load_module_state(self, state: dict[str, Tensor]) -> tuple[list[str], list[str]]:
+        """Load full weights into the policy; under ZeRO-3 the partitioned parameters are gathered first."""
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
 
-    def load_checkpoint(self, directory: Path, *, tag: str | None = None) -> dict[str, Any]:
-        _, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
-        return client_state or {}
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0):
+                result = self.module.load_state_dict(state, strict=False)
+        else:
+            result = self.module.load_state_dict(state, strict=False)
+        return list(result.missing_keys), list(result.unexpected_keys)

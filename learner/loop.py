@@ -13,6 +13,7 @@ reported every step.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from learner.logprobs import token_logprobs
 from learner.objectives import ObjectiveInputs, compute_objective, tb_log_reward
 from learner.weights import publish_weights
 from replay.store import ReplayStore
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -265,12 +268,14 @@ class Learner:
     # ----------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory: Path) -> None:
         """Policy (Hugging Face format), optimizer states, log Z head, counters and RNG; safetensors + JSON only."""
-        optimizer = self.engine.engine.optimizer
+        zero_stage = self.engine.engine.zero_optimization_stage()
         state: dict[str, Any] = {
             "step": self.step_count,
             "version": self.version,
             "probe": list(self._probe) if self._probe else None,
-            "policy_optimizer": optimizer.state_dict(),
+            # ZeRO 1-3 partition the optimizer state into structures that only DeepSpeed's pickle-based checkpoint
+            # round-trips; paceflow does not load pickles, so those stages resume with fresh AdamW moments.
+            "policy_optimizer": self.engine.engine.optimizer.state_dict() if zero_stage == 0 else None,
             "torch_rng": torch.get_rng_state(),
             "embeddings": dict(self._embeddings),
         }
@@ -286,13 +291,16 @@ class Learner:
         weights: dict[str, Tensor] = {}
         for path in sorted((directory / "policy").glob("*.safetensors")):
             weights.update(load_file(str(path)))
-        missing, unexpected = self.engine.module.load_state_dict(weights, strict=False)
+        missing, unexpected = self.engine.load_module_state(weights)
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise ValueError(
                 f"{directory}: checkpoint does not fit the model (missing {missing}, unexpected {unexpected})"
             )
         state = load_state(directory / "learner")
-        self.engine.engine.optimizer.load_state_dict(state["policy_optimizer"])
+        if state["policy_optimizer"] is not None:
+            self.engine.engine.optimizer.load_state_dict(state["policy_optimizer"])
+        else:
+            log.warning("%s: no optimizer state in the checkpoint (ZeRO stage >= 1): AdamW moments restart", directory)
         if self.log_z is not None and self.log_z_opt is not None:
             self.log_z.load_state_dict(state["log_z"])
             self.log_z_opt.load_state_dict(state["log_z_optimizer"])
