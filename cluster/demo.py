@@ -1,9 +1,8 @@
-"""`paceflow demo`: the smallest real slice of the pipeline that exists today.
+"""`paceflow demo`: look at what the rollout side produces, without training.
 
 It resolves the configured model (converting SmolLM2 from its GGUF on first use), loads the task, applies the
 chat template, samples one rollout group per prompt with the Hugging Face engine, and scores every response
-with the task's verifier: the data a rollout actor will stream into the replay. Training (`paceflow train`)
-arrives with the learner; the demo says so at the end.
+with the task's verifier: the data a rollout actor streams into the replay. `paceflow train` runs the whole loop.
 """
 
 from __future__ import annotations
@@ -105,6 +104,6 @@ def _report(results: list[DemoGroup], elapsed: float, console: Console) -> None:
     mixed = sum(len({r for r in g.rewards if r is not None}) > 1 for g in results)
     console.print(
         f"{mixed}/{len(results)} groups have mixed rewards (the groups that carry signal for TB and GRPO).\n"
-        "[dim]This demo covers model preparation, task loading, prompt formatting, sampling with behaviour "
-        "log-probs and verification. Training end-to-end (`paceflow train`) arrives with the learner.[/]"
+        "[dim]This is the rollout half of the pipeline (model, task, chat template, sampling with behaviour "
+        "log-probs, verification). Train end to end with `paceflow train <preset>`.[/]"
     )
