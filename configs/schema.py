@@ -467,14 +467,14 @@ class ClusterConfig(Section):
 
 
 class MetricsConfig(Section):
-    """Prometheus metrics and console logging."""
+    """Progress logging and (reserved) the Prometheus endpoint; per-step metrics go to output_dir/name/metrics.jsonl."""
 
     enabled: bool = True
-    """Export Prometheus metrics."""
+    """Reserved for the Prometheus exporter, which is not built yet (metrics.jsonl is always written)."""
     host: str = "127.0.0.1"
-    """Address the metrics endpoint binds to (localhost unless configured otherwise)."""
+    """Reserved: address the Prometheus endpoint will bind to (localhost unless configured otherwise)."""
     port: int = Field(0, ge=0, le=65535)
-    """Metrics port; 0 picks a free one and writes it into the run directory."""
+    """Reserved: Prometheus port; 0 will pick a free one."""
     log_every_steps: int = Field(1, ge=1)
     """Console/progress update interval in learner steps."""
 
