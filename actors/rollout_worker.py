@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from actors.engines.base import Engine, build_engine
 from actors.scoring import BaseModelScorer, RewardScorer
-from actors.tasks import Prompt, build_task, format_prompt
+from actors.tasks import Prompt, build_task, encode_prompt
 from configs.schema import RunConfig
-from learner.logprobs import token_logprobs
+from learner.logprobs import response_logprobs
 from replay.records import RolloutGroup, WeightVersion
 from replay.store import ReplayStore, connect_store
 
@@ -157,13 +156,7 @@ class RolloutWorker:
 
     def _tokens(self, prompt: Prompt) -> list[int]:
         if prompt.prompt_id not in self._token_cache:
-            text = format_prompt(
-                self.tokenizer,
-                prompt.text,
-                chat_template=self.cfg.tokenizer.chat_template,
-                system_prompt=self.cfg.tokenizer.system_prompt,
-            )
-            self._token_cache[prompt.prompt_id] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            self._token_cache[prompt.prompt_id] = encode_prompt(self.tokenizer, prompt.text, self.cfg.tokenizer)
         return self._token_cache[prompt.prompt_id]
 
     def _priorities(self, groups: list[RolloutGroup]) -> list[float]:
@@ -214,11 +207,7 @@ def engine_logprobs(engine: Engine, prompt: list[int], response: list[int]) -> l
     """Teacher-forced log-probs of `response` under the engine's current weights."""
     hf_model = getattr(engine, "model", None)
     if hf_model is not None:
-        ids = torch.tensor([prompt + response])
-        mask = torch.tensor([[0] * len(prompt) + [1] * len(response)])
-        with torch.no_grad():
-            logp, _ = token_logprobs(hf_model, ids, torch.ones_like(ids), mask)
-        return logp[0, len(prompt) :].tolist()
+        return response_logprobs(hf_model, prompt, response)
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -31,6 +31,7 @@ from configs.schema import (
     JsonlTaskConfig,
     ReasoningGymTaskConfig,
     TaskConfig,
+    TokenizerConfig,
 )
 
 
@@ -349,6 +350,12 @@ def _word_list(name: str) -> list[str]:
 
 def _article(word: str) -> str:
     return "an" if word[0].lower() in "aeiou" else "a"
+
+
+def encode_prompt(tokenizer: Any, text: str, cfg: TokenizerConfig) -> list[int]:
+    """The token ids an engine is given for a prompt: `format_prompt` under the run's tokenizer settings."""
+    formatted = format_prompt(tokenizer, text, chat_template=cfg.chat_template, system_prompt=cfg.system_prompt)
+    return list(tokenizer(formatted, add_special_tokens=False)["input_ids"])
 
 
 def format_prompt(tokenizer: Any, text: str, *, chat_template: str = "auto", system_prompt: str | None = None) -> str:

@@ -45,12 +45,12 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
     from vllm.inputs import TokensPrompt
 
     from actors.engines.vllm_engine import VLLMEngine
-    from actors.tasks import build_task, format_prompt
-    from configs.schema import ReasoningGymTaskConfig, SamplingConfig, VLLMEngineConfig
+    from actors.tasks import build_task, encode_prompt
+    from configs.schema import ReasoningGymTaskConfig, SamplingConfig, TokenizerConfig, VLLMEngineConfig
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     task = build_task(ReasoningGymTaskConfig(name="chain_sum", train_size=args.prompts, eval_size=0))
-    prompts = [tok(format_prompt(tok, p.text), add_special_tokens=False)["input_ids"] for p in task.train]
+    prompts = [encode_prompt(tok, p.text, TokenizerConfig()) for p in task.train]
     sampling = SamplingConfig(num_samples=args.samples, max_new_tokens=args.max_tokens, temperature=1.0)
     params_count = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
     row: dict = {

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from actors.engines.base import Sample
 from actors.engines.hf_engine import HFEngine
-from actors.tasks import Prompt, Task, build_task, format_prompt
+from actors.tasks import Prompt, Task, build_task, encode_prompt
 from cluster.models import resolve_model_dir
 from configs.schema import RunConfig
 
@@ -38,18 +38,7 @@ def run_demo(cfg: RunConfig, *, num_prompts: int, console: Console) -> list[Demo
     with console.status("Loading the model into the Hugging Face engine..."):
         engine = HFEngine(model_dir, dtype=cfg.model.dtype, batch_size=_hf_batch_size(cfg))
     prompts = task.train[:num_prompts]
-    token_prompts = [
-        engine.tokenizer(
-            format_prompt(
-                engine.tokenizer,
-                p.text,
-                chat_template=cfg.tokenizer.chat_template,
-                system_prompt=cfg.tokenizer.system_prompt,
-            ),
-            add_special_tokens=False,
-        )["input_ids"]
-        for p in prompts
-    ]
+    token_prompts = [encode_prompt(engine.tokenizer, p.text, cfg.tokenizer) for p in prompts]
     s = cfg.rollout.sampling
     start = time.perf_counter()
     with console.status(f"Sampling {s.num_samples} responses for each of {len(prompts)} prompts..."):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.engines.hf_engine import HFEngine
-from actors.tasks import build_task, format_prompt
+from actors.tasks import build_task, encode_prompt
 from cluster.models import resolve_model_dir
 from configs.schema import RunConfig, SamplingConfig
 
@@ -20,19 +20,11 @@ def evaluate(cfg: RunConfig, weights_dir: Path) -> dict[str, Any]:
     prompts = task.eval[: cfg.eval.num_prompts]
     if not prompts:
         return {"accuracy": None, "prompts": 0}
-    engine = HFEngine(resolve_model_dir(cfg.model), dtype="float32")
-    if weights_dir != resolve_model_dir(cfg.model):
+    model_dir = resolve_model_dir(cfg.model)
+    engine = HFEngine(model_dir, dtype="float32")
+    if weights_dir != model_dir:
         engine.load_weights(weights_dir, version=1)
-    tok = engine.tokenizer
-    ids = [
-        tok(
-            format_prompt(
-                tok, p.text, chat_template=cfg.tokenizer.chat_template, system_prompt=cfg.tokenizer.system_prompt
-            ),
-            add_special_tokens=False,
-        )["input_ids"]
-        for p in prompts
-    ]
+    ids = [encode_prompt(engine.tokenizer, p.text, cfg.tokenizer) for p in prompts]
     sampling = SamplingConfig(
         num_samples=cfg.eval.num_samples,
         temperature=cfg.eval.temperature,

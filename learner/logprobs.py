@@ -52,6 +52,20 @@ def sequence_logprobs(model: Any, input_ids_BT: Tensor, attention_mask_BT: Tenso
     return token_logprobs(model, input_ids_BT, attention_mask_BT, response_mask_BT)[0].sum(-1)
 
 
+@torch.no_grad()
+def response_logprobs(model: Any, prompt: list[int], response: list[int]) -> list[float]:
+    """Teacher-forced log-probs of one response after one prompt (eval mode, no grad): the weight-sync probe."""
+    ids = torch.tensor([prompt + response])
+    mask = torch.tensor([[0] * len(prompt) + [1] * len(response)])
+    was_training = model.training
+    model.eval()
+    try:
+        logp, _ = token_logprobs(model, ids, torch.ones_like(ids), mask)
+    finally:
+        model.train(was_training)
+    return logp[0, len(prompt) :].tolist()
+
+
 def at_least_f32(x: Tensor) -> Tensor:
     """bf16/fp16 -> float32 for sums and exps; float64 stays float64 (finite-difference tests use it)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))

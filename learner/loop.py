@@ -105,14 +105,13 @@ class Learner:
                 if time.perf_counter() - start > wait_timeout_s:
                     return None
                 time.sleep(0.02)
-        sampled = self.store.sample(self.cfg.learner.groups_per_step, seed=self.cfg.seed * 100_003 + self.step_count)
+        seed = self.cfg.seed * 100_003 + self.step_count
+        sampled = self.store.sample(self.cfg.learner.groups_per_step, seed=seed)
         while not sampled.groups:
             if time.perf_counter() - start > wait_timeout_s:
                 return None
             time.sleep(0.05)
-            sampled = self.store.sample(
-                self.cfg.learner.groups_per_step, seed=self.cfg.seed * 100_003 + self.step_count
-            )
+            sampled = self.store.sample(self.cfg.learner.groups_per_step, seed=seed)
         wait_s = time.perf_counter() - start
 
         start = time.perf_counter()

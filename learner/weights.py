@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from learner.logprobs import token_logprobs
+from learner.logprobs import response_logprobs
 from replay.records import WeightVersion
 
 # Mean absolute log-prob difference allowed between the learner's float32 probe and an engine holding the same
@@ -56,19 +55,6 @@ def publish_weights(
         created_at=time.time(),
         probe_prompt=prompt,
         probe_response=response,
-        probe_logprobs=probe_logprobs(model, prompt, response),
+        probe_logprobs=response_logprobs(model, prompt, response),
         probe_tolerance=PROBE_TOLERANCE[engine_dtype],
     )
-
-
-@torch.no_grad()
-def probe_logprobs(model: Any, prompt: list[int], response: list[int]) -> list[float]:
-    ids = torch.tensor([prompt + response])
-    mask = torch.tensor([[0] * len(prompt) + [1] * len(response)])
-    was_training = model.training
-    model.eval()
-    try:
-        logp, _ = token_logprobs(model, ids, torch.ones_like(ids), mask)
-    finally:
-        model.train(was_training)
-    return logp[0, len(prompt) :].tolist()
