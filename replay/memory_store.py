@@ -11,6 +11,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -25,7 +26,16 @@ from replay.records import (
     encode_group,
     encode_weight_version,
 )
-from replay.store import STAT_FIELDS, ReplayStats, decode_draw, prepare_inserts, sampling_weight, split_batch
+from replay.store import (
+    STAT_FIELDS,
+    ReplayStats,
+    check_add_arguments,
+    decode_draw,
+    sampling_weight,
+    split_batch,
+    success_inserts,
+    success_table_config,
+)
 
 _DEDUPE_WINDOW = 1_000_000  # group ids remembered for idempotent retries
 
@@ -51,24 +61,33 @@ class MemoryStore:
         self._prompt_estimate: dict[str, float] = {}
         self.quarantine: list[bytes] = []
         self._weights: bytes | None = None  # kept encoded, like every record
+        # PACED-RL's success buffer: the same kind of table, with its own settings (replay/store.py).
+        self.success = MemoryStore(success_table_config(self.cfg)) if self.cfg.success_buffer is not None else None
 
     # ----------------------------------------------------------------------------------------- writing
     def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float]) -> list[str]:
-        kept, filtered = prepare_inserts(groups, priorities, self.cfg)
+        check_add_arguments(len(groups), priorities)
         with self._lock:
             for group in groups:
                 self._prompt_correct[group.prompt_id] = (
                     self._prompt_correct.get(group.prompt_id, 0.0) + group.num_correct
                 )
                 self._prompt_total[group.prompt_id] = self._prompt_total.get(group.prompt_id, 0) + group.size
-            self._counts["filtered"] += filtered
+        keys = self._add_rows(list(zip(groups, priorities, strict=True)))
+        if self.success is not None and self.cfg.success_buffer is not None:
+            self.success._add_rows(success_inserts(groups, priorities, self.cfg.success_buffer.insert_top_k))
+        return keys
+
+    def _add_rows(self, rows: Sequence[tuple[RolloutGroup, float]]) -> list[str]:
+        """Insert groups not seen before, then evict over capacity; returns the keys inserted and still present."""
+        with self._lock:
             keys = []
-            for group, priority in kept:
+            for group, priority in rows:
                 if group.group_id in self._seen:
                     self._counts["duplicates"] += 1
                     continue
                 self._remember(group.group_id)
-                self._insert(group.group_id, encode_group(group), priority, group.policy_version)
+                self._insert(group.group_id, encode_group(group), float(priority), group.policy_version)
                 keys.append(group.group_id)
             self._counts["inserted"] += len(keys)
             self._evict_over_capacity()
@@ -143,6 +162,8 @@ class MemoryStore:
         with self._lock:
             self._version_now = version
             self._evict_stale()
+        if self.success is not None:
+            self.success.set_policy_version(version)
 
     def policy_version(self) -> int:
         return self._version_now
@@ -163,8 +184,13 @@ class MemoryStore:
             self._prompt_estimate.update({k: float(v) for k, v in estimates.items()})
 
     # ----------------------------------------------------------------------------------------- reading
-    def sample(self, num_groups: int, *, seed: int | None = None) -> SampledBatch:
-        return decode_draw(*self.draw(num_groups, seed=seed), quarantine=self.quarantine_key)
+    def sample(self, num_groups: int, *, num_success: int = 0, seed: int | None = None) -> SampledBatch:
+        batch = decode_draw(*self.draw(num_groups, seed=seed), quarantine=self.quarantine_key)
+        if num_success and self.success is not None:
+            success_seed = None if seed is None else seed + 1
+            draw = self.success.draw(num_success, seed=success_seed)
+            batch = batch.extended(decode_draw(*draw, quarantine=self.success.quarantine_key))
+        return batch
 
     def draw(
         self, num_groups: int, *, seed: int | None = None
@@ -216,6 +242,7 @@ class MemoryStore:
             ]
 
     def stats(self) -> ReplayStats:
+        success = self.success.stats() if self.success is not None else None
         with self._lock:
             n = len(self._keys)
             return ReplayStats(
@@ -223,16 +250,25 @@ class MemoryStore:
                 fresh=int((self._times_sampled[:n] == 0).sum()),
                 policy_version=self._version_now,
                 **self._counts,
+                success_size=success.size if success is not None else 0,
+                success_inserted=success.inserted if success is not None else 0,
             )
 
     # ----------------------------------------------------------------------------------------- persistence
     def save(self, path: Path) -> None:
         """Everything, as one msgpack file (numeric columns as raw little-endian buffers); written atomically."""
+        data = msgpack.packb(self._state(), use_bin_type=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def _state(self) -> dict[str, object]:
+        success = self.success._state() if self.success is not None else None
         with self._lock:
             n = len(self._keys)
-            state = {
+            return {
                 "format": 1,
-                "keys": self._keys,
+                "keys": list(self._keys),
                 "payloads": [self._payloads[k] for k in self._keys],
                 "priority": self._priority[:n].astype("<f8").tobytes(),
                 "version": self._version[:n].astype("<i8").tobytes(),
@@ -240,18 +276,15 @@ class MemoryStore:
                 "times_sampled": self._times_sampled[:n].astype("<i8").tobytes(),
                 "next_seq": self._next_seq,
                 "version_now": self._version_now,
-                "counts": self._counts,
-                "prompt_correct": self._prompt_correct,
-                "prompt_total": self._prompt_total,
-                "prompt_estimate": self._prompt_estimate,
+                "counts": dict(self._counts),
+                "prompt_correct": dict(self._prompt_correct),
+                "prompt_total": dict(self._prompt_total),
+                "prompt_estimate": dict(self._prompt_estimate),
                 "seen": list(self._seen),
                 "weights": self._weights,
-                "quarantine": self.quarantine,
+                "quarantine": list(self.quarantine),
+                "success": success,
             }
-            data = msgpack.packb(state, use_bin_type=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path, cfg: ReplayConfig) -> MemoryStore:
@@ -259,24 +292,29 @@ class MemoryStore:
         if not isinstance(raw, dict) or raw.get("format") != 1:
             raise ValueError(f"{path}: not a paceflow in-process replay snapshot")
         store = cls(cfg)
+        store._restore(raw)
+        return store
+
+    def _restore(self, raw: dict[str, Any]) -> None:
         columns = {
             name: np.frombuffer(raw[name], dtype=dt)
             for name, dt in (("priority", "<f8"), ("version", "<i8"), ("seq", "<i8"), ("times_sampled", "<i8"))
         }
         for i, (key, payload) in enumerate(zip(raw["keys"], raw["payloads"], strict=True)):
-            store._insert(key, payload, float(columns["priority"][i]), int(columns["version"][i]))
-            store._seq[i] = columns["seq"][i]
-            store._times_sampled[i] = columns["times_sampled"][i]
-        store._next_seq = int(raw["next_seq"])
-        store._version_now = int(raw["version_now"])
-        store._counts.update({k: int(v) for k, v in raw["counts"].items()})
-        store._prompt_correct = {str(k): float(v) for k, v in raw["prompt_correct"].items()}
-        store._prompt_total = {str(k): int(v) for k, v in raw["prompt_total"].items()}
-        store._prompt_estimate = {str(k): float(v) for k, v in raw["prompt_estimate"].items()}
-        store._seen = OrderedDict.fromkeys(raw["seen"])
-        store._weights = raw["weights"]
-        store.quarantine = list(raw["quarantine"])
-        return store
+            self._insert(key, payload, float(columns["priority"][i]), int(columns["version"][i]))
+            self._seq[i] = columns["seq"][i]
+            self._times_sampled[i] = columns["times_sampled"][i]
+        self._next_seq = int(raw["next_seq"])
+        self._version_now = int(raw["version_now"])
+        self._counts.update({k: int(v) for k, v in raw["counts"].items() if k in self._counts})
+        self._prompt_correct = {str(k): float(v) for k, v in raw["prompt_correct"].items()}
+        self._prompt_total = {str(k): int(v) for k, v in raw["prompt_total"].items()}
+        self._prompt_estimate = {str(k): float(v) for k, v in raw["prompt_estimate"].items()}
+        self._seen = OrderedDict.fromkeys(raw["seen"])
+        self._weights = raw["weights"]
+        self.quarantine = list(raw["quarantine"])
+        if self.success is not None and raw.get("success"):
+            self.success._restore(raw["success"])
 
     def quarantined(self) -> list[bytes]:
         with self._lock:

@@ -27,6 +27,9 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 FINISH_REASONS = ("stop", "length", "abort")
+SELECTIONS = ("uniform", "paced", "explore")
+"""How the scheduler chose a group's prompt: uniformly, by PACED-RL's |a(x) - tau| rule, or as one of PACED-RL's
+epsilon-uniform exploration picks (an unbiased sample of what uniform selection would have given)."""
 
 
 class RecordError(ValueError):
@@ -60,6 +63,8 @@ class RolloutGroup:
     """float32 (G,): log R(x, y) when the actor computed it."""
     base_logprobs: list[np.ndarray] | None = None
     """G float32 arrays: per-token log-probs under the frozen base model (PowerFlow's target)."""
+    selection: str = "uniform"
+    """How the prompt was chosen (one of SELECTIONS)."""
 
     @staticmethod
     def new(
@@ -76,6 +81,7 @@ class RolloutGroup:
         log_rewards: Sequence[float] | None = None,
         base_logprobs: Sequence[Sequence[float]] | None = None,
         group_id: str | None = None,
+        selection: str = "uniform",
     ) -> RolloutGroup:
         """Build and validate a group from plain Python lists (what engines return)."""
         n = len(responses)
@@ -93,6 +99,7 @@ class RolloutGroup:
             parsed_answers=list(parsed_answers) if parsed_answers is not None else [None] * n,
             log_rewards=np.asarray(log_rewards, dtype=np.float32) if log_rewards is not None else None,
             base_logprobs=[np.asarray(b, dtype=np.float32) for b in base_logprobs] if base_logprobs else None,
+            selection=selection,
         )
         validate_group(group)
         return group
@@ -111,11 +118,12 @@ class RolloutGroup:
         valid = self.rewards[~np.isnan(self.rewards)]
         return float(valid.sum())
 
-    def select(self, keep: Sequence[int]) -> RolloutGroup:
-        """The same group with only the responses at the given indices (PACED-RL's successful-only buffer)."""
+    def select(self, keep: Sequence[int], *, group_id: str | None = None) -> RolloutGroup:
+        """The same group with only the responses at the given indices (PACED-RL's success buffer keeps single
+        successful responses, each under its own id)."""
         idx = list(keep)
         return RolloutGroup(
-            group_id=self.group_id,
+            group_id=group_id or self.group_id,
             prompt_id=self.prompt_id,
             prompt_token_ids=self.prompt_token_ids,
             response_token_ids=[self.response_token_ids[i] for i in idx],
@@ -128,6 +136,7 @@ class RolloutGroup:
             parsed_answers=[self.parsed_answers[i] for i in idx],
             log_rewards=self.log_rewards[idx] if self.log_rewards is not None else None,
             base_logprobs=[self.base_logprobs[i] for i in idx] if self.base_logprobs is not None else None,
+            selection=self.selection,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -168,6 +177,38 @@ class SampledBatch:
     fresh: list[bool]
     times_sampled: list[int] = field(default_factory=list)
     skipped_corrupt: int = 0
+    success: list[bool] = field(default_factory=list)
+    """True for single successful responses replayed from PACED-RL's success buffer; False for whole groups
+    from the main table (fresh or prioritised)."""
+
+    @staticmethod
+    def of_fresh(groups: Sequence[RolloutGroup]) -> SampledBatch:
+        """A batch of groups as if just drawn fresh from a store (benchmarks and tests build batches this way)."""
+        n = len(groups)
+        return SampledBatch(
+            groups=list(groups),
+            keys=[g.group_id for g in groups],
+            priorities=[1.0] * n,
+            probabilities=[1.0] * n,
+            is_weights=[1.0] * n,
+            fresh=[True] * n,
+            times_sampled=[1] * n,
+            success=[False] * n,
+        )
+
+    def extended(self, replayed: SampledBatch) -> SampledBatch:
+        """This batch followed by `replayed`, whose rows are marked as success-buffer draws."""
+        return SampledBatch(
+            groups=self.groups + replayed.groups,
+            keys=self.keys + replayed.keys,
+            priorities=self.priorities + replayed.priorities,
+            probabilities=self.probabilities + replayed.probabilities,
+            is_weights=self.is_weights + replayed.is_weights,
+            fresh=self.fresh + [False] * len(replayed.groups),
+            times_sampled=self.times_sampled + replayed.times_sampled,
+            skipped_corrupt=self.skipped_corrupt + replayed.skipped_corrupt,
+            success=[False] * len(self.groups) + [True] * len(replayed.groups),
+        )
 
 
 @dataclass(frozen=True)
@@ -235,6 +276,7 @@ def encode_group(group: RolloutGroup) -> bytes:
         "ans": list(group.parsed_answers),
         "lrew": group.log_rewards.astype("<f4").tobytes() if group.log_rewards is not None else None,
         "base": _concat(group.base_logprobs, "<f4") if group.base_logprobs is not None else None,
+        "sel": group.selection,
     }
     return msgpack.packb(payload, use_bin_type=True)
 
@@ -275,6 +317,7 @@ def decode_group(data: bytes) -> RolloutGroup:
         parsed_answers=_str_list(raw, "ans", g, optional_items=True),
         log_rewards=_array(raw, "lrew", "<f4", expect=g) if raw.get("lrew") is not None else None,
         base_logprobs=_split(base, bounds) if base is not None else None,
+        selection=_str(raw, "sel") if "sel" in raw else "uniform",  # records written before the field existed
     )
     _validate_values(group)  # shapes follow from parsing with one set of bounds
     return group
@@ -333,6 +376,8 @@ def _validate_values(group: RolloutGroup) -> None:
         raise RecordError("finish_reasons", f"got {bad[0]!r}, allowed {', '.join(FINISH_REASONS)}")
     if group.policy_version < 0:
         raise RecordError("policy_version", f"got {group.policy_version}, must be >= 0")
+    if group.selection not in SELECTIONS:
+        raise RecordError("selection", f"got {group.selection!r}, allowed {', '.join(SELECTIONS)}")
 
 
 def _array(raw: dict[str, Any], name: str, dtype: str, expect: int | None = None) -> np.ndarray:

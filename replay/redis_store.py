@@ -14,6 +14,7 @@ Layout under the prefix `P = <key_prefix>:<run name>` (one run per prefix, so se
     P:pc, P:pt, P:pe   HASH prompt -> correct count, samples, accuracy estimate
     P:seen:<key> dedupe marker (expires), so a writer's retry never inserts a group twice
     P:quarantine LIST of payloads that failed to decode (capped)
+    P:success:*  PACED-RL's success buffer: the same layout, one successful response per entry
 
 Every mutation is one Lua script, so inserts, eviction and sampling are atomic. Proportional sampling is exact:
 pick a bucket with probability proportional to count_b * 2^b, a member uniformly (SRANDMEMBER), and accept
@@ -40,7 +41,16 @@ from replay.records import (
     encode_group,
     encode_weight_version,
 )
-from replay.store import STAT_FIELDS, ReplayStats, decode_draw, prepare_inserts, sampling_weight, split_batch
+from replay.store import (
+    STAT_FIELDS,
+    ReplayStats,
+    check_add_arguments,
+    decode_draw,
+    sampling_weight,
+    split_batch,
+    success_inserts,
+    success_table_config,
+)
 
 DEDUPE_TTL_S = 24 * 3600
 QUARANTINE_MAX = 1000
@@ -281,26 +291,36 @@ class RedisStore:
         self._set_version = self.client.register_script(_SET_VERSION)
         self._quarantine = self.client.register_script(_QUARANTINE)
         self._seed = 0
+        self.success = (
+            RedisStore(success_table_config(cfg), run_name=f"{run_name}:success", client=self.client)  # type: ignore[arg-type]
+            if cfg.success_buffer is not None
+            else None
+        )
 
     def _k(self, name: str) -> str:
         return f"{self.prefix}:{name}"
 
     def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float]) -> list[str]:
-        kept, filtered = prepare_inserts(groups, priorities, self.cfg)
+        check_add_arguments(len(groups), priorities)
+        keys = self._add_rows(list(zip(groups, priorities, strict=True)), offered=groups)
+        if self.success is not None and self.cfg.success_buffer is not None:
+            self.success._add_rows(success_inserts(groups, priorities, self.cfg.success_buffer.insert_top_k), [])
+        return keys
+
+    def _add_rows(self, rows: Sequence[tuple[RolloutGroup, float]], offered: Sequence[RolloutGroup]) -> list[str]:
+        """One script call: insert `rows`, count `offered` into the prompt statistics, evict over capacity."""
         args: list[bytes | str | int | float] = [
             self.cfg.capacity,
             self.cfg.eviction,
             DEDUPE_TTL_S,
-            len(kept),
-            len(groups),
+            len(rows),
+            len(offered),
         ]
-        for group, priority in kept:
+        for group, priority in rows:
             q = float(sampling_weight(priority, self.cfg.priority_exponent))
-            args += [group.group_id, encode_group(group), repr(priority), repr(q), group.policy_version]
-        for group in groups:
+            args += [group.group_id, encode_group(group), repr(float(priority)), repr(q), group.policy_version]
+        for group in offered:
             args += [group.prompt_id, repr(group.num_correct), group.size]
-        if filtered:
-            self.client.hincrby(self._k("stats"), "filtered", filtered)
         present = self._add(keys=[self.prefix], args=args)
         return [k.decode() for k in present]
 
@@ -323,11 +343,17 @@ class RedisStore:
             ],
         )
 
-    def sample(self, num_groups: int, *, seed: int | None = None) -> SampledBatch:
-        n_fresh, n_prio = split_batch(num_groups, self.cfg.fresh_fraction)
+    def sample(self, num_groups: int, *, num_success: int = 0, seed: int | None = None) -> SampledBatch:
         if seed is None:
             self._seed += 1
             seed = self._seed
+        batch = self._sample_table(num_groups, seed)
+        if num_success and self.success is not None:
+            batch = batch.extended(self.success._sample_table(num_success, seed + 1))
+        return batch
+
+    def _sample_table(self, num_groups: int, seed: int) -> SampledBatch:
+        n_fresh, n_prio = split_batch(num_groups, self.cfg.fresh_fraction)
         flat = self._sample(keys=[self.prefix], args=[n_fresh, n_prio, seed, self.cfg.max_policy_lag])
         rows = [flat[i : i + 5] for i in range(0, len(flat), 5)]
         payloads = self.client.mget([self._k(f"g:{row[0].decode()}") for row in rows]) if rows else []
@@ -349,6 +375,8 @@ class RedisStore:
 
     def set_policy_version(self, version: int) -> None:
         self._set_version(keys=[self.prefix], args=[version, self.cfg.max_policy_lag])
+        if self.success is not None:
+            self.success.set_policy_version(version)
 
     def policy_version(self) -> int:
         return int(self.client.get(self._k("version")) or 0)
@@ -391,7 +419,15 @@ class RedisStore:
         pipe.hgetall(self._k("stats"))
         size, fresh, version, counters = pipe.execute()
         counts = {name: int(counters.get(name.encode(), 0)) for name in STAT_FIELDS}
-        return ReplayStats(size=size, fresh=fresh, policy_version=int(version or 0), **counts)
+        success = self.success.stats() if self.success is not None else None
+        return ReplayStats(
+            size=size,
+            fresh=fresh,
+            policy_version=int(version or 0),
+            **counts,
+            success_size=success.size if success is not None else 0,
+            success_inserted=success.inserted if success is not None else 0,
+        )
 
     def keys(self) -> list[str]:
         return [k.decode() for k in self.client.zrange(self._k("order"), 0, -1)]

@@ -56,13 +56,18 @@ class ReplayServer:
     def add_encoded(self, key: str, payload: bytes, priority: float, policy_version: int) -> None:
         self.store.add_encoded(key, payload, priority, policy_version)
 
-    def draw(
-        self, num_groups: int, seed: int | None
-    ) -> tuple[list[tuple[str, bytes, float]], list[float], list[int], int, int]:
-        return self.store.draw(num_groups, seed=seed)
+    def draw(self, num_groups: int, seed: int | None, num_success: int = 0) -> tuple[Any, Any]:
+        """(main table draw, success buffer draw or None), still encoded (see `MemoryStore.draw`)."""
+        success = self.store.success
+        replayed = None
+        if num_success and success is not None:
+            replayed = success.draw(num_success, seed=None if seed is None else seed + 1)
+        return self.store.draw(num_groups, seed=seed), replayed
 
-    def quarantine_key(self, key: str) -> None:
-        self.store.quarantine_key(key)
+    def quarantine_key(self, key: str, success: bool = False) -> None:
+        table = self.store.success if success else self.store
+        if table is not None:
+            table.quarantine_key(key)
 
     def update_priorities(self, keys: list[str], priorities: list[float]) -> None:
         self.store.update_priorities(keys, priorities)
@@ -127,11 +132,17 @@ class RemoteStore:
     def add_encoded(self, key: str, payload: bytes, priority: float, policy_version: int) -> None:
         ray.get(self.handle.add_encoded.remote(key, payload, priority, policy_version))
 
-    def sample(self, num_groups: int, *, seed: int | None = None) -> SampledBatch:
+    def sample(self, num_groups: int, *, num_success: int = 0, seed: int | None = None) -> SampledBatch:
         if num_groups < 1:
             raise ValueError(f"sample: num_groups must be >= 1, got {num_groups}")
-        drawn = ray.get(self.handle.draw.remote(num_groups, seed))
-        return decode_draw(*drawn, quarantine=lambda key: ray.get(self.handle.quarantine_key.remote(key)))
+        main, replayed = ray.get(self.handle.draw.remote(num_groups, seed, num_success))
+        batch = decode_draw(*main, quarantine=lambda key: ray.get(self.handle.quarantine_key.remote(key)))
+        if replayed is not None:
+            success = decode_draw(
+                *replayed, quarantine=lambda key: ray.get(self.handle.quarantine_key.remote(key, True))
+            )
+            batch = batch.extended(success)
+        return batch
 
     def update_priorities(self, keys: Sequence[str], priorities: Sequence[float]) -> None:
         ray.get(self.handle.update_priorities.remote(list(keys), [float(p) for p in priorities]))

@@ -4,16 +4,20 @@ A store holds rollout groups keyed by their group id, each with a priority (PACE
 error e(x) = |N_correct/G - a(x)|). Semantics, identical for `MemoryStore` and `RedisStore` (one contract test
 suite runs against both):
 
-- `add(groups, priorities)`: idempotent by group id (a writer that retries after a lost reply never
-  duplicates). With `successful_only`, only responses with reward 1 are kept (a group with none is dropped);
-  with `insert_top_k`, only the k highest-priority groups of the call enter. Per-prompt accuracy statistics are
-  counted from every group offered, before those filters. Over `capacity`, the lowest-priority or the oldest
-  groups are evicted, as configured.
-- `sample(n)`: first up to round(fresh_fraction * n) *fresh* groups (never sampled yet, newest first), the rest
-  drawn with replacement with probability proportional to max(priority, 1e-6) ** priority_exponent. Each draw
-  reports its probability and importance weight (N * P)^-1 normalised to a batch maximum of 1. Groups older than
-  `max_policy_lag` weight versions are evicted first. A payload that fails to decode is counted, moved to
-  quarantine and skipped; it never reaches the learner and never crashes the reader.
+- `add(groups, priorities)`: every group enters the main table whole, correct and incorrect responses alike
+  (the learner's fresh batches come from there); idempotent by group id (a writer that retries after a lost
+  reply never duplicates). Per-prompt accuracy statistics are counted from every group. Over `capacity`, the
+  lowest-priority or the oldest groups are evicted, as configured. With a `success_buffer`, the successful
+  responses of the groups are also offered to that second table: each reward-1 response on its own (id
+  `<group id>/<index>`), the `insert_top_k` of the groups with the largest priority, in a table of `capacity`
+  trajectories.
+- `sample(n, num_success=k)`: from the main table, first up to round(fresh_fraction * n) *fresh* groups (never
+  sampled yet, newest first), the rest drawn with replacement with probability proportional to
+  max(priority, 1e-6) ** priority_exponent; then k single responses from the success buffer, drawn the same way
+  (marked `success` in the batch). Each draw reports its probability and importance weight (N * P)^-1
+  normalised to a batch maximum of 1. Groups older than `max_policy_lag` weight versions are evicted first, in
+  both tables. A payload that fails to decode is counted, moved to quarantine and skipped; it never reaches the
+  learner and never crashes the reader.
 - `set_policy_version(v)` records the learner's newest weight version (and evicts stale groups);
   `announce_weights(w)` does the same and tells rollout actors where the weights are (`latest_weights()`).
 - `put_acc_estimates` / `prompt_stats`: the learner's a(x) and the empirical accuracy, per prompt.
@@ -43,14 +47,16 @@ class ReplayStats:
     policy_version: int
     inserted: int
     duplicates: int
-    filtered: int
     sampled: int
     evicted_capacity: int
     evicted_stale: int
     corrupt: int
+    success_size: int = 0
+    """Trajectories in the success buffer (0 without one)."""
+    success_inserted: int = 0
 
 
-STAT_FIELDS = ("inserted", "duplicates", "filtered", "sampled", "evicted_capacity", "evicted_stale", "corrupt")
+STAT_FIELDS = ("inserted", "duplicates", "sampled", "evicted_capacity", "evicted_stale", "corrupt")
 
 
 class ReplayStore(Protocol):
@@ -58,7 +64,7 @@ class ReplayStore(Protocol):
         """Insert groups; returns the keys that entered the store."""
         ...
 
-    def sample(self, num_groups: int, *, seed: int | None = None) -> SampledBatch: ...
+    def sample(self, num_groups: int, *, num_success: int = 0, seed: int | None = None) -> SampledBatch: ...
 
     def update_priorities(self, keys: Sequence[str], priorities: Sequence[float]) -> None: ...
 
@@ -87,22 +93,37 @@ def sampling_weight(priorities: np.ndarray | float, exponent: float) -> np.ndarr
     return np.power(np.maximum(np.asarray(priorities, dtype=np.float64), MIN_PRIORITY), exponent)
 
 
-def prepare_inserts(
-    groups: Sequence[RolloutGroup], priorities: Sequence[float], cfg: ReplayConfig
-) -> tuple[list[tuple[RolloutGroup, float]], int]:
-    """Apply `successful_only` and `insert_top_k`. Returns (groups that enter with their priorities, filtered)."""
-    check_add_arguments(len(groups), priorities)
-    kept: list[tuple[RolloutGroup, float]] = []
-    for group, priority in zip(groups, priorities, strict=True):
-        if cfg.successful_only:
-            winners = [i for i, r in enumerate(group.rewards.tolist()) if r == 1.0]
-            if not winners:
-                continue
-            group = group.select(winners) if len(winners) < group.size else group
-        kept.append((group, float(priority)))
-    if cfg.insert_top_k is not None and len(kept) > cfg.insert_top_k:
-        kept = sorted(kept, key=lambda gp: -gp[1])[: cfg.insert_top_k]
-    return kept, len(groups) - len(kept)
+def success_inserts(
+    groups: Sequence[RolloutGroup], priorities: Sequence[float], top_k: int
+) -> list[tuple[RolloutGroup, float]]:
+    """PACED-RL's insert rule: every reward-1 response as its own one-response group (id `<group>/<index>`,
+    keeping its group's priority e(x)), the `top_k` of those whose groups have the largest e(x)."""
+    ranked = sorted(zip(groups, priorities, strict=True), key=lambda gp: -gp[1])  # stable: ties keep their order
+    out: list[tuple[RolloutGroup, float]] = []
+    for group, priority in ranked:
+        for i, reward in enumerate(group.rewards.tolist()):
+            if len(out) == top_k:
+                return out
+            if reward == 1.0:
+                out.append((group.select([i], group_id=f"{group.group_id}/{i}"), float(priority)))
+    return out
+
+
+def success_table_config(cfg: ReplayConfig) -> ReplayConfig:
+    """The success buffer's own table settings: the main table's backend and staleness bound, the buffer's
+    capacity, eviction and exponent, and no fresh-first rule (its draws are all by priority)."""
+    buffer = cfg.success_buffer
+    if buffer is None:
+        raise ValueError("replay.success_buffer is not configured")
+    return cfg.model_copy(
+        update={
+            "capacity": buffer.capacity,
+            "eviction": buffer.eviction,
+            "priority_exponent": buffer.priority_exponent,
+            "fresh_fraction": 0.0,
+            "success_buffer": None,
+        }
+    )
 
 
 def check_add_arguments(num_groups: int, priorities: Sequence[float]) -> None:
@@ -157,6 +178,7 @@ def decode_draw(
         batch.times_sampled.append(times_sampled[i])
     batch.probabilities = kept
     batch.is_weights = importance_weights(kept, size)
+    batch.success = [False] * len(batch.groups)
     return batch
 
 

@@ -111,3 +111,14 @@ def test_select_keeps_the_chosen_responses() -> None:
     assert winners.size == 1 and winners.rewards.tolist() == [1.0]
     assert winners.base_logprobs is not None and len(winners.base_logprobs) == 1
     assert winners.group_id == group.group_id
+
+
+def test_selection_round_trips_and_records_without_it_read_as_uniform() -> None:
+    group = make_group(selection="explore")
+    assert decode_group(encode_group(group)).selection == "explore"
+    raw = msgpack.unpackb(encode_group(group), raw=False)
+    del raw["sel"]  # a record written before the field existed
+    assert decode_group(msgpack.packb(raw, use_bin_type=True)).selection == "uniform"
+    raw["sel"] = "favourite"
+    with pytest.raises(RecordError, match="selection: got 'favourite'"):
+        decode_group(msgpack.packb(raw, use_bin_type=True))

@@ -170,31 +170,78 @@ def test_updated_priorities_change_what_is_sampled(make_store: Any) -> None:
     assert store.sample(1, seed=4).priorities[0] in (1.0, 1000.0)
 
 
-def test_paced_buffer_keeps_top_k_successful_groups(make_store: Any) -> None:
-    store = make_store(successful_only=True, insert_top_k=2, capacity=128, eviction="lowest_priority")
+SUCCESS = {"capacity": 128, "insert_top_k": 4, "share": 0.25, "priority_exponent": 1.0}
+
+
+def test_main_table_keeps_every_group_whole_and_the_success_buffer_the_top_k_successes(make_store: Any) -> None:
+    """PACED-RL's data flow: fresh batches carry failed responses; the buffer holds the successful responses of
+    the groups whose accuracy estimate was most wrong, one response per entry."""
+    store = make_store(fresh_fraction=1.0, success_buffer=SUCCESS)
     offered = [
         group("a", rewards=(1.0, 0.0, 1.0)),
-        group("b", rewards=(0.0, 0.0, 0.0)),  # no success: dropped
-        group("c", rewards=(1.0, 0.0, 0.0)),
+        group("b", rewards=(0.0, 0.0, 0.0)),  # largest error, but nothing to replay
+        group("c", rewards=(1.0, 0.0, 0.0)),  # smallest error: its success does not make the top 4
         group("d", rewards=(1.0, 1.0, 1.0)),
     ]
     keys = store.add(offered, [0.9, 0.95, 0.1, 0.5])
-    assert set(keys) == {offered[0].group_id, offered[3].group_id}  # top-2 by error among successful groups
-    batch = store.sample(2, seed=0)
-    assert all(set(g.rewards.tolist()) == {1.0} for g in batch.groups)
-    assert {g.size for g in batch.groups} == {2, 3}
-    assert store.stats().filtered == 2
+    assert keys == [g.group_id for g in offered]  # every group enters the main table
+    a, d = offered[0].group_id, offered[3].group_id
+    assert store.stats().success_size == 4 and store.stats().success_inserted == 4
+    batch = store.sample(4, num_success=30, seed=0)
+    main = [(g, k) for g, k, s in zip(batch.groups, batch.keys, batch.success, strict=True) if not s]
+    replayed = [(g, k) for g, k, s in zip(batch.groups, batch.keys, batch.success, strict=True) if s]
+    assert sorted(k for _, k in main) == sorted(g.group_id for g in offered)
+    assert all(g == next(o for o in offered if o.group_id == g.group_id) for g, _ in main)  # whole, failures kept
+    assert sum(float(g.rewards.sum()) for g, _ in main) < sum(g.size for g, _ in main)
+    assert len(replayed) == 30 and batch.fresh[4:] == [False] * 30
+    assert {k for _, k in replayed} == {f"{a}/0", f"{a}/2", f"{d}/0", f"{d}/1"}
+    assert all(g.size == 1 and g.rewards.tolist() == [1.0] for g, _ in replayed)
+    assert {g.prompt_id for g, _ in replayed} == {"a", "d"}
+    by_key = dict(zip(batch.keys, batch.priorities, strict=True))
+    assert by_key[f"{a}/0"] == 0.9 and by_key[f"{d}/1"] == 0.5  # each response keeps its group's e(x)
+
+
+def test_success_buffer_capacity_counts_responses_and_follows_the_staleness_bound(make_store: Any) -> None:
+    store = make_store(max_policy_lag=1, success_buffer={**SUCCESS, "capacity": 5, "insert_top_k": 64})
+    first = group("old", version=0, rewards=(1.0, 1.0, 1.0, 0.0))
+    second = group("new", version=1, rewards=(1.0, 1.0, 1.0, 1.0))
+    store.add([first], [0.5])
+    store.add([second], [0.5])
+    assert store.stats().success_size == 5  # 3 + 4 responses offered, the oldest two evicted
+    batch = store.sample(1, num_success=50, seed=1)
+    assert {g.prompt_id for g, s in zip(batch.groups, batch.success, strict=True) if s} == {"old", "new"}
+    store.set_policy_version(2)  # version 0 is now 2 versions old
+    assert store.stats().success_size == 4
+    batch = store.sample(1, num_success=20, seed=2)
+    assert {g.policy_version for g, s in zip(batch.groups, batch.success, strict=True) if s} == {1}
+
+
+def test_success_draws_follow_the_error_priority(make_store: Any) -> None:
+    store = make_store(success_buffer={**SUCCESS, "priority_exponent": 1.0})
+    store.add([group("hard", rewards=(1.0,)), group("easy", rewards=(1.0,))], [0.9, 0.1])
+    batch = store.sample(1, num_success=400, seed=3)
+    counts = Counter(g.prompt_id for g, s in zip(batch.groups, batch.success, strict=True) if s)
+    assert counts["hard"] + counts["easy"] == 400
+    assert 320 < counts["hard"] < 400  # expected 360 (0.9 / (0.9 + 0.1))
+
+
+def test_without_a_success_buffer_no_success_rows_are_drawn(make_store: Any) -> None:
+    store = make_store()
+    store.add([group("a")], [1.0])
+    batch = store.sample(1, num_success=8, seed=0)
+    assert len(batch.groups) == 1 and batch.success == [False]
+    assert store.stats().success_size == 0
 
 
 def test_prompt_statistics(make_store: Any) -> None:
-    store = make_store(successful_only=True)
+    store = make_store(success_buffer=SUCCESS)
     store.add(
         [group("x", rewards=(1.0, 0.0)), group("x", rewards=(1.0, 1.0)), group("y", rewards=(0.0, 0.0))],
         [0.1, 0.1, 0.1],
     )
     store.put_acc_estimates({"x": 0.6})
     x, y, z = store.prompt_stats(["x", "y", "z"])
-    assert (x.num_correct, x.num_samples, x.acc_estimate) == (3.0, 4, 0.6)
+    assert (x.num_correct, x.num_samples, x.acc_estimate) == (3.0, 4, 0.6)  # the success buffer counts nothing
     assert x.empirical_accuracy == 0.75
     assert (y.num_correct, y.num_samples, y.acc_estimate) == (0.0, 2, None)
     assert z.num_samples == 0 and z.empirical_accuracy is None
@@ -368,3 +415,15 @@ def test_weight_announcements_set_the_version_and_round_trip(make_store: Any) ->
     assert store.latest_weights() == w
     assert store.policy_version() == 2
     assert len(store) == 0  # version 0 is now 2 versions old: evicted
+
+
+def test_an_in_process_snapshot_keeps_the_success_buffer(tmp_path: Any) -> None:
+    cfg = MemoryReplayConfig(success_buffer=SUCCESS)
+    store = MemoryStore(cfg)
+    store.add([group("a", rewards=(1.0, 0.0, 1.0))], [0.7])
+    store.save(tmp_path / "replay.msgpack")
+    restored = MemoryStore.load(tmp_path / "replay.msgpack", cfg)
+    assert restored.stats() == store.stats()
+    batch = restored.sample(1, num_success=4, seed=0)
+    assert batch.success == [False, True, True, True, True]
+    assert {k.split("/")[1] for k, s in zip(batch.keys, batch.success, strict=True) if s} == {"0", "2"}
