@@ -46,7 +46,7 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
     from learner.logprobs import token_logprobs
     from learner.objectives import ObjectiveInputs, tb_log_reward, tb_loss
     from learner.weights import publish_weights
-    from replay.records import RolloutGroup
+    from replay.records import RolloutGroup, SampledBatch
 
     gen = torch.Generator().manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -63,7 +63,7 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
         )
         for i in range(args.groups)
     ]
-    batch = collate(groups, [g.group_id for g in groups], pad_id=0, current_version=0, drop_invalid_rewards=True)
+    batch = collate(SampledBatch.of_fresh(groups), pad_id=0, current_version=0, drop_invalid_rewards=True)
     cfg = LearnerConfig(lr=1e-5, groups_per_step=args.groups, micro_batch_size=batch.num_rows)
     engine = PolicyEngine(model, cfg)
     head = LogZHead(model.config.hidden_size)

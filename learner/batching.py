@@ -8,14 +8,13 @@ Micro-batches never split a group, because VarGrad and GRPO need every sample of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from replay.records import RolloutGroup
+from replay.records import RolloutGroup, SampledBatch
 
 
 @dataclass
@@ -31,10 +30,18 @@ class TrainBatch:
     group_B: Tensor
     """Index of each row's group within this batch (0..num_groups-1)."""
     policy_lag_B: Tensor
+    replayed_B: Tensor
+    """1 for rows replayed from the success buffer, 0 for rows of whole groups from the main table."""
     prompt_ids: list[str]
     """One per group."""
     keys: list[str]
     """Replay key of each group."""
+    replayed: list[bool]
+    """Per group: a single response from the success buffer (True) or a whole group (False)."""
+    fresh: list[bool]
+    """Per group: never sampled before this batch."""
+    selections: list[str]
+    """Per group: how the scheduler chose its prompt ('uniform', 'paced', 'explore')."""
     sample_names: list[str]
 
     @property
@@ -47,23 +54,22 @@ class TrainBatch:
 
 
 def collate(
-    groups: Sequence[RolloutGroup],
-    keys: Sequence[str],
+    sampled: SampledBatch,
     *,
     pad_id: int,
     current_version: int,
     drop_invalid_rewards: bool,
 ) -> TrainBatch:
-    """Pad every response of every group into one batch. With `drop_invalid_rewards`, responses whose reward is
-    NaN (verifier crashed or timed out) are left out; a group left with no response is left out entirely."""
+    """Pad every response of every sampled group into one batch. With `drop_invalid_rewards`, responses whose
+    reward is NaN (verifier crashed or timed out) are left out; a group left with no response is left out."""
     rows: list[tuple[int, RolloutGroup, int]] = []  # (group index in batch, group, response index)
-    kept_groups: list[tuple[RolloutGroup, str]] = []
-    for group, key in zip(groups, keys, strict=True):
+    kept_groups: list[tuple[RolloutGroup, str, bool, bool]] = []  # (group, key, replayed, fresh)
+    for group, key, replayed, fresh in zip(sampled.groups, sampled.keys, sampled.success, sampled.fresh, strict=True):
         valid = [i for i in range(group.size) if not (drop_invalid_rewards and np.isnan(group.rewards[i]))]
         if not valid:
             continue
         rows += [(len(kept_groups), group, i) for i in valid]
-        kept_groups.append((group, key))
+        kept_groups.append((group, key, replayed, fresh))
     width = max((len(g.prompt_token_ids) + len(g.response_token_ids[i]) for _, g, i in rows), default=1)
     n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -93,8 +99,12 @@ def collate(
         has_answer_B=torch.tensor([float(g.parsed_answers[i] is not None) for _, g, i in rows]),
         group_B=torch.tensor([gi for gi, _, _ in rows], dtype=torch.long),
         policy_lag_B=torch.tensor([current_version - g.policy_version for _, g, _ in rows], dtype=torch.long),
-        prompt_ids=[g.prompt_id for g, _ in kept_groups],
-        keys=[k for _, k in kept_groups],
+        replayed_B=torch.tensor([float(kept_groups[gi][2]) for gi, _, _ in rows]),
+        prompt_ids=[g.prompt_id for g, _, _, _ in kept_groups],
+        keys=[k for _, k, _, _ in kept_groups],
+        replayed=[r for _, _, r, _ in kept_groups],
+        fresh=[f for _, _, _, f in kept_groups],
+        selections=[g.selection for g, _, _, _ in kept_groups],
         sample_names=[f"prompt {g.prompt_id} sample {i} (actor {g.actor_id}, v{g.policy_version})" for _, g, i in rows],
     )
 
@@ -132,7 +142,11 @@ def _rows(batch: TrainBatch, a: int, b: int) -> TrainBatch:
         has_answer_B=batch.has_answer_B[a:b],
         group_B=groups - first,
         policy_lag_B=batch.policy_lag_B[a:b],
+        replayed_B=batch.replayed_B[a:b],
         prompt_ids=batch.prompt_ids[first : last + 1],
         keys=batch.keys[first : last + 1],
+        replayed=batch.replayed[first : last + 1],
+        fresh=batch.fresh[first : last + 1],
+        selections=batch.selections[first : last + 1],
         sample_names=batch.sample_names[a:b],
     )

@@ -4,7 +4,8 @@
   into the policy, as in those papers. PowerFlow shifts its output by -offset * (alpha - 1) so the first
   residuals are near zero.
 - `ZPhi`: PACED-RL's 3-layer MLP on *frozen reference-model* prompt embeddings, so any candidate prompt can be
-  scored without a rollout or a policy forward pass; beta * log Z_phi(x) estimates the accuracy on x.
+  scored without a rollout or a policy forward pass; beta * log Z_phi(x) estimates the accuracy on x. The MLP
+  works in accuracy units (log Z_phi = output / beta) on standardised embeddings: see `ZPhi`.
 - `vargrad_log_z`: no parameters, the detached per-group mean of log R - log pi (needs >= 2 samples per prompt).
 
 Heads are separate modules from the policy: they get their own optimizer parameter group, are saved with the
@@ -45,17 +46,41 @@ class LogZHead(nn.Module):
 
 
 class ZPhi(nn.Module):
-    """PACED-RL's Z_phi: a 3-layer MLP from a frozen prompt embedding to log Z."""
+    """PACED-RL's Z_phi: a 3-layer MLP from a frozen prompt embedding to log Z.
 
-    def __init__(self, embed_dim: int, hidden: int = 256, *, clamp: float = 20.0) -> None:
+    Two choices the paper leaves open, both about how fast Z_phi can follow the accuracy it estimates:
+    - The MLP predicts in accuracy units and log Z_phi = output / beta. Adam moves every parameter by about the
+      learning rate per step whatever the gradient's scale, so an MLP asked for log Z itself (0 to 1/beta = 20)
+      needs ~1/beta times more steps to cross the same range of accuracies: a real run's estimate climbed
+      linearly for 23 steps before this scaling.
+    - Embeddings are standardised with the mean and spread of the training prompts' embeddings
+      (`set_normalisation`): mean-pooled prompt states share a large common component (chat template, system
+      prompt), and only the differences tell prompts apart.
+    The last layer starts at zero: log Z_phi = 0, a(x) = 0, for every prompt.
+    """
+
+    def __init__(self, embed_dim: int, hidden: int = 256, *, beta: float = 0.05, clamp: float = 20.0) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1)
         )
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.register_buffer("mean", torch.zeros(embed_dim))
+        self.register_buffer("scale", torch.ones(embed_dim))
+        self.beta = beta
         self.clamp = clamp
 
+    @torch.no_grad()
+    def set_normalisation(self, embeddings_NE: Tensor) -> None:
+        """Standardise inputs with the statistics of these embeddings (the training prompts')."""
+        self.mean.copy_(embeddings_NE.mean(0))
+        if len(embeddings_NE) > 1:
+            self.scale.copy_(embeddings_NE.std(0).clamp_min(1e-6))
+
     def forward(self, embedding_BE: Tensor) -> Tensor:
-        return clamp_straight_through(self.mlp(embedding_BE).squeeze(-1), self.clamp)
+        accuracy_B = self.mlp((embedding_BE - self.mean) / self.scale).squeeze(-1)
+        return clamp_straight_through(accuracy_B / self.beta, self.clamp)
 
 
 def clamp_straight_through(x: Tensor, bound: float) -> Tensor:
@@ -79,8 +104,3 @@ def vargrad_log_z(log_reward_B: Tensor, logp_sum_B: Tensor, group_B: Tensor) -> 
 def accuracy_estimate(log_z_B: Tensor, beta: float) -> Tensor:
     """PACED-RL's a(x) = clip(beta * log Z_phi(x), 0, 1): the squared-TB optimum of log Z is E[r]/beta."""
     return (beta * at_least_f32(log_z_B.detach())).clamp(0.0, 1.0)
-
-
-def replay_priority(num_correct_B: Tensor, group_size: int, acc_estimate_B: Tensor) -> Tensor:
-    """e(x) = |N_correct(x)/G - a(x)|: how wrong the accuracy estimate was on the group just rolled out."""
-    return (at_least_f32(num_correct_B) / group_size - at_least_f32(acc_estimate_B)).abs()

@@ -9,6 +9,8 @@ the prompt tokens.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -32,19 +34,43 @@ def token_logprobs(
         )
     if bool(response_mask_BT[:, 0].any()):
         raise ValueError("response_mask marks position 0, which has no preceding token to predict it from")
-    out = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, output_hidden_states=return_hidden)
-    logits_BTV = at_least_f32(out.logits[:, :-1])
-    mask_BT = response_mask_BT[:, 1:].bool()
-    targets_BT = input_ids_BT[:, 1:].masked_fill(~mask_BT, -100)
+    # Logits only where a response token is predicted: from the earliest response start on. The prompt positions
+    # before it need no vocabulary projection, which on a 49k vocabulary is a quarter of a SmolLM2 step.
+    T = input_ids_BT.shape[1]
+    starts = response_mask_BT.bool().float().argmax(-1)[response_mask_BT.bool().any(-1)]
+    first = int(starts.min()) if len(starts) else T - 1
+    keep = T - first + 1  # positions first-1 .. T-1
+    if _takes_logits_to_keep(type(model)):
+        out = model(
+            input_ids=input_ids_BT,
+            attention_mask=attention_mask_BT,
+            output_hidden_states=return_hidden,
+            logits_to_keep=keep,
+        )
+        logits = out.logits
+    else:
+        out = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, output_hidden_states=return_hidden)
+        logits = out.logits[:, T - keep :]
+    logits_BKV = at_least_f32(logits[:, :-1])  # predicts the tokens at positions first .. T-1
+    mask_BK = response_mask_BT[:, first:].bool()
+    targets_BK = input_ids_BT[:, first:].masked_fill(~mask_BK, -100)
     # The fused cross-entropy kernel (log-softmax + gather in one pass, forward and backward): measured faster than
     # gather - logsumexp on a 49k vocabulary. Positions outside the response are ignored and come out as 0.
-    nll_BT = F.cross_entropy(
-        logits_BTV.reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(targets_BT.shape)
-    logp_BT = torch.zeros(input_ids_BT.shape, dtype=nll_BT.dtype, device=nll_BT.device)
-    logp_BT[:, 1:] = -nll_BT
+    nll_BK = F.cross_entropy(
+        logits_BKV.reshape(-1, logits_BKV.shape[-1]), targets_BK.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(targets_BK.shape)
+    logp_BT = torch.zeros(input_ids_BT.shape, dtype=nll_BK.dtype, device=nll_BK.device)
+    logp_BT[:, first:] = -nll_BK
     hidden = out.hidden_states[-1] if return_hidden else None
     return logp_BT, hidden
+
+
+@functools.cache
+def _takes_logits_to_keep(model_type: type) -> bool:
+    """Whether the model's forward can skip the vocabulary projection for leading positions (transformers
+    causal LMs can); other callables get full logits, sliced here."""
+    forward = getattr(model_type, "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def sequence_logprobs(model: Any, input_ids_BT: Tensor, attention_mask_BT: Tensor, response_mask_BT: Tensor) -> Tensor:

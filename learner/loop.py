@@ -2,19 +2,20 @@
 configured objective, step, write back accuracy estimates and priorities, and publish weights.
 
 One `Learner.step()`:
-  store.sample -> collate -> per micro-batch of whole groups: token_logprobs (+ hidden states for the log Z head)
-  -> ObjectiveInputs -> OBJECTIVES[kind] -> backward  ->  DeepSpeed step + log Z step
-  -> store.put_acc_estimates (PACED) and store.update_priorities -> every publish_every steps: publish_weights
-     + store.announce_weights.
+  store.sample(main groups, success responses) -> collate -> per micro-batch of whole groups: token_logprobs
+  (+ hidden states or frozen prompt embeddings for log Z) -> ObjectiveInputs -> OBJECTIVES[kind] -> backward
+  -> DeepSpeed step + log Z step -> PACED-RL: a(x) for every training prompt into the store (the scheduler reads
+  them) -> store.update_priorities -> every publish_every steps: publish_weights + store.announce_weights.
 The learner never waits for a particular actor; it waits only while the replay is empty. Groups older than
 `replay.max_policy_lag` versions never reach it (the store evicts them), and the lag of what it trains on is
-reported every step.
+reported every step, with PACED-RL's calibration of a(x) against the accuracy of each fresh group.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,25 @@ from torch import Tensor, nn
 
 from configs.schema import PacedObjectiveConfig, PowerFlowObjectiveConfig, RunConfig, TBObjectiveConfig
 from learner.batching import TrainBatch, collate, micro_batches
+from learner.calibration import GroupOutcome, calibration_metrics, informative_counts
 from learner.checkpoint import load_state, save_state
 from learner.deepspeed_engine import PolicyEngine
 from learner.log_partition import LogZHead, ZPhi, accuracy_estimate
 from learner.logprobs import token_logprobs
 from learner.objectives import ObjectiveInputs, compute_objective, tb_log_reward
 from learner.weights import publish_weights
+from replay.priority import estimate_error
+from replay.records import SampledBatch
 from replay.store import ReplayStore
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# PACED-RL embeds the training prompts once with the frozen reference model: this many before the first step
+# (their statistics standardise Z_phi's inputs), the rest this many per step, so a large dataset costs no
+# long pause at start (SmolLM2-135M embeds ~2,000 prompt tokens/s on 2 CPU cores).
+_EMBED_AT_START = 512
+_EMBED_PER_STEP = 64
 
 
 @dataclass
@@ -54,12 +63,34 @@ class StepResult:
     publish_s: float
     grad_norm: float
     published: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    calibration: list[list[Any]] = field(default_factory=list)
+    """PACED-RL: [prompt id, a(x) before the step, group accuracy, samples, selection] per fresh group."""
+
+
+def _batch_prompts(batch: TrainBatch) -> dict[str, list[int]]:
+    """Each group's prompt token ids, by prompt id."""
+    prompts: dict[str, list[int]] = {}
+    for row, gid in enumerate(batch.group_B.tolist()):
+        n = int(batch.prompt_mask_BT[row].sum())
+        prompts.setdefault(batch.prompt_ids[gid], batch.input_ids_BT[row, :n].tolist())
+    return prompts
 
 
 class Learner:
-    def __init__(self, cfg: RunConfig, model_dir: Path, store: ReplayStore, *, weights_root: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    """`prompts` are the training prompts' token ids by prompt id, as the actors encode them: PACED-RL writes a(x)
+    for all of them after every step, so the scheduler can rank prompts no actor has rolled out yet. Without
+    them, a(x) covers the prompts the learner has trained on."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model_dir: Path,
+        store: ReplayStore,
+        *,
+        weights_root: Path,
+        prompts: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
         self.store = store
@@ -70,10 +101,17 @@ class Learner:
         policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[cfg.learner.dtype])
         self.log_z = self._build_log_z(policy.config.hidden_size)
         self.reference = None
-        if isinstance(cfg.objective, PacedObjectiveConfig):  # Z_phi reads frozen reference prompt embeddings
-            self.reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-            self.reference.requires_grad_(False)
+        self._normalised = False
         self._embeddings: dict[str, Tensor] = {}
+        self.train_prompts: dict[str, list[int]] = {}
+        if isinstance(cfg.objective, PacedObjectiveConfig):  # Z_phi reads frozen reference prompt embeddings
+            # The base model without its LM head: the last hidden states are all Z_phi needs.
+            self.reference = AutoModel.from_pretrained(model_dir, dtype=_DTYPES[cfg.learner.dtype]).eval()
+            self.reference.requires_grad_(False)
+            self.train_prompts = {pid: list(ids) for pid, ids in (prompts or {}).items()}
+            if self.train_prompts:
+                first = dict(list(self.train_prompts.items())[:_EMBED_AT_START])
+                self._normalise(self._embed(first))
         self.engine = PolicyEngine(policy, cfg.learner)
         # The log Z parameters have their own optimizer and learning rate, no weight decay; they live outside the
         # DeepSpeed-wrapped policy, so they are never part of the published weights.
@@ -84,6 +122,9 @@ class Learner:
         self.step_count = 0
         self.version = 0
         self._probe: tuple[list[int], list[int]] | None = None
+        # Mean accuracy of every fresh group trained on so far: the constant estimate calibration is compared to.
+        self._accuracy_sum = 0.0
+        self._accuracy_groups = 0
 
     def _build_log_z(self, hidden: int) -> nn.Module | None:
         obj = self.cfg.objective
@@ -93,47 +134,30 @@ class Learner:
             offset = obj.log_z_offset_per_token * (obj.alpha - 1.0)
             return LogZHead(hidden, offset=offset, clamp=obj.log_z_clamp)
         if isinstance(obj, PacedObjectiveConfig):
-            return ZPhi(hidden, obj.z_phi_hidden, clamp=obj.log_z_clamp)
+            return ZPhi(hidden, obj.z_phi_hidden, beta=obj.beta, clamp=obj.log_z_clamp)
         return None
 
     # ----------------------------------------------------------------------------------------- one step
     def step(self, *, wait_timeout_s: float = 600.0) -> StepResult | None:
-        """One optimizer step; None when the replay stayed empty for `wait_timeout_s`."""
+        """One optimizer step; None when the replay had no usable batch within `wait_timeout_s`."""
         start = time.perf_counter()
-        if self.cfg.learner.sync:  # one batch per version: wait until the actors delivered this version's groups
-            while self.store.stats().fresh < self.cfg.learner.groups_per_step:
-                if time.perf_counter() - start > wait_timeout_s:
-                    return None
-                time.sleep(0.02)
-        seed = self.cfg.seed * 100_003 + self.step_count
-        sampled = self.store.sample(self.cfg.learner.groups_per_step, seed=seed)
-        while not sampled.groups:
-            if time.perf_counter() - start > wait_timeout_s:
-                return None
-            time.sleep(0.05)
-            sampled = self.store.sample(self.cfg.learner.groups_per_step, seed=seed)
+        batch = self._next_batch(start + wait_timeout_s)
+        if batch is None:
+            return None
         wait_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        supervised = self.cfg.objective.kind != "powerflow"
-        batch = collate(
-            sampled.groups,
-            sampled.keys,
-            pad_id=self.pad_id,
-            current_version=self.version,
-            drop_invalid_rewards=supervised,
-        )
-        if batch.num_rows == 0:  # every response had an invalid reward
-            return self.step(wait_timeout_s=wait_timeout_s)
         self._probe = self._probe or self._make_probe(batch)
-        metrics, deltas, estimates = self._accumulate(batch)
+        outcomes = self._outcomes(batch)  # before the update: the estimates the scheduler picked prompts with
+        metrics, deltas = self._accumulate(batch)
         grad_norm = self.engine.step()
         if self.log_z_opt is not None:
             torch.nn.utils.clip_grad_norm_(self.log_z.parameters(), self.cfg.learner.grad_clip)  # type: ignore[union-attr]
             self.log_z_opt.step()
             self.log_z_opt.zero_grad(set_to_none=True)
         self.step_count += 1
-        self._write_back(batch, deltas, estimates)
+        metrics.update(self._batch_metrics(batch, outcomes))
+        self._write_back(batch, deltas)
         compute_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -141,7 +165,7 @@ class Learner:
         if published:
             self.publish()
         publish_s = time.perf_counter() - start
-        valid = batch.reward_B[~torch.isnan(batch.reward_B)]
+        on_policy = batch.reward_B[(batch.replayed_B == 0) & ~torch.isnan(batch.reward_B)]
         return StepResult(
             step=self.step_count,
             version=self.version,
@@ -150,7 +174,7 @@ class Learner:
             groups=len(batch.keys),
             rows=batch.num_rows,
             tokens=batch.num_tokens,
-            reward_mean=float(valid.mean()) if len(valid) else float("nan"),
+            reward_mean=float(on_policy.mean()) if len(on_policy) else float("nan"),
             lag_mean=float(batch.policy_lag_B.float().mean()),
             lag_max=int(batch.policy_lag_B.max()),
             wait_s=wait_s,
@@ -158,29 +182,58 @@ class Learner:
             publish_s=publish_s,
             grad_norm=grad_norm,
             published=published,
+            calibration=[[o.prompt_id, o.estimate, o.accuracy, o.samples, o.selection] for o in outcomes],
         )
 
-    def _accumulate(self, batch: TrainBatch) -> tuple[dict[str, float], Tensor, dict[str, float]]:
+    def _next_batch(self, deadline: float) -> TrainBatch | None:
+        """Sample until a batch with at least one usable row arrives (a batch whose every reward is invalid is
+        dropped and drawn again), or the deadline passes."""
+        main, success = self.cfg.batch_plan
+        seed = self.cfg.seed * 100_003 + self.step_count
+        while True:
+            sampled = self._sample(main, success, seed, deadline)
+            if sampled is None:
+                return None
+            batch = collate(
+                sampled,
+                pad_id=self.pad_id,
+                current_version=self.version,
+                drop_invalid_rewards=self.cfg.objective.kind != "powerflow",
+            )
+            if batch.num_rows:
+                return batch
+            log.warning("every reward in a batch of %d groups was invalid; drawing another", len(sampled.groups))
+            seed += 1
+
+    def _sample(self, main: int, success: int, seed: int, deadline: float) -> SampledBatch | None:
+        if self.cfg.learner.sync:  # one batch per version: wait until the actors delivered this version's groups
+            while self.store.stats().fresh < main:
+                if time.perf_counter() > deadline:
+                    return None
+                time.sleep(0.02)
+        while True:
+            sampled = self.store.sample(main, num_success=success, seed=seed)
+            if sampled.groups:
+                return sampled
+            if time.perf_counter() > deadline:
+                return None
+            time.sleep(0.05)
+
+    def _accumulate(self, batch: TrainBatch) -> tuple[dict[str, float], Tensor]:
         """Forward/backward every micro-batch; the losses are scaled so the gradient is that of the batch mean."""
         chunks = micro_batches(batch, self.cfg.learner.micro_batch_size)
         totals: dict[str, float] = {}
         deltas: list[Tensor] = []
-        estimates: dict[str, float] = {}
         for i, mb in enumerate(chunks):
-            inputs, log_z_B = self._inputs(mb)
-            out = compute_objective(inputs, self.cfg.objective)
+            out = compute_objective(self._inputs(mb), self.cfg.objective)
             weight = mb.num_rows / batch.num_rows
             self.engine.backward(out.loss * weight, last=i == len(chunks) - 1)
             for name, value in out.metrics.items():
                 totals[name] = totals.get(name, 0.0) + value * weight
             deltas.append(out.delta_B)
-            if isinstance(self.cfg.objective, PacedObjectiveConfig) and log_z_B is not None:
-                acc = accuracy_estimate(log_z_B, self.cfg.objective.beta)
-                for row, gid in enumerate(mb.group_B.tolist()):
-                    estimates[mb.prompt_ids[gid]] = float(acc[row])
-        return totals, torch.cat(deltas), estimates
+        return totals, torch.cat(deltas)
 
-    def _inputs(self, mb: TrainBatch) -> tuple[ObjectiveInputs, Tensor | None]:
+    def _inputs(self, mb: TrainBatch) -> ObjectiveInputs:
         obj = self.cfg.objective
         want_hidden = isinstance(self.log_z, LogZHead)
         logp_BT, hidden = token_logprobs(
@@ -190,52 +243,117 @@ class Learner:
         if isinstance(self.log_z, LogZHead):
             log_z_B = self.log_z(hidden.float(), mb.prompt_mask_BT)  # type: ignore[union-attr]
         elif isinstance(self.log_z, ZPhi):
-            log_z_B = self.log_z(self._reference_embeddings(mb))
+            log_z_B = self.log_z(self._row_embeddings(mb))
         base = mb.base_logp_BT
         inputs = ObjectiveInputs(
             logp_BT=logp_BT,
             mask_BT=mb.response_mask_BT,
             group_B=mb.group_B,
+            # PACED-RL: pi_old is this update's starting policy for every row, fresh or replayed (see paced_loss).
             old_logp_BT=logp_BT.detach() if obj.kind == "paced" else mb.behaviour_logp_BT,
             ref_logp_BT=base,
             reward_B=mb.reward_B,
             log_z_B=log_z_B,
             has_format_B=mb.has_answer_B,
+            replayed_B=mb.replayed_B,
             sample_names=mb.sample_names,
         )
         if isinstance(obj, TBObjectiveConfig):
             ref_sum = base.sum(-1) if (obj.use_reference and base is not None) else None
             inputs.log_reward_B = tb_log_reward(mb.reward_B, obj.beta, ref_sum)
-        return inputs, log_z_B
+        return inputs
+
+    # ----------------------------------------------------------------------------------------- PACED-RL's a(x)
+    @torch.no_grad()
+    def _embed(self, prompts: dict[str, list[int]], batch_size: int = 32) -> dict[str, Tensor]:
+        """Frozen reference model's last hidden state, mean-pooled over each prompt's tokens; cached by prompt id."""
+        assert self.reference is not None
+        todo = [(pid, ids) for pid, ids in prompts.items() if pid not in self._embeddings]
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            width = max(len(ids) for _, ids in chunk)
+            ids_BT = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask_BT = torch.zeros(len(chunk), width, dtype=torch.long)
+            for row, (_, ids) in enumerate(chunk):
+                ids_BT[row, : len(ids)] = torch.tensor(ids)
+                mask_BT[row, : len(ids)] = 1
+            hidden = self.reference(input_ids=ids_BT, attention_mask=mask_BT).last_hidden_state.float()
+            mask = mask_BT.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            for row, (pid, _) in enumerate(chunk):
+                self._embeddings[pid] = pooled[row].clone()
+        return {pid: self._embeddings[pid] for pid in prompts}
+
+    def _normalise(self, embedded: dict[str, Tensor]) -> None:
+        """Fix Z_phi's input standardisation once, from the training prompts (or the first batch's)."""
+        assert isinstance(self.log_z, ZPhi)
+        self.log_z.set_normalisation(torch.stack(list(embedded.values())))
+        self._normalised = True
+
+    def _row_embeddings(self, mb: TrainBatch) -> Tensor:
+        embedded = self._embed(_batch_prompts(mb))
+        return torch.stack([embedded[mb.prompt_ids[gid]] for gid in mb.group_B.tolist()])
 
     @torch.no_grad()
-    def _reference_embeddings(self, mb: TrainBatch) -> Tensor:
-        """Frozen reference model's mean-pooled last hidden state over each prompt, cached by prompt id."""
-        assert self.reference is not None
-        rows = []
-        for row, gid in enumerate(mb.group_B.tolist()):
-            pid = mb.prompt_ids[gid]
-            if pid not in self._embeddings:
-                n = int(mb.prompt_mask_BT[row].sum())
-                ids = mb.input_ids_BT[row : row + 1, :n]
-                hidden = self.reference(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-                self._embeddings[pid] = hidden[0].mean(0)
-            rows.append(self._embeddings[pid])
-        return torch.stack(rows)
+    def accuracy_estimates(self, prompts: dict[str, list[int]]) -> dict[str, float]:
+        """a(x) = clip(beta log Z_phi(x), 0, 1) for any prompts (token ids by prompt id): no rollout needed."""
+        if not isinstance(self.log_z, ZPhi) or not prompts:
+            return {}
+        embedded = self._embed(prompts)
+        if not self._normalised:
+            self._normalise(embedded)
+        ids = list(embedded)
+        beta = self.cfg.objective.beta  # type: ignore[union-attr]
+        values = accuracy_estimate(self.log_z(torch.stack([embedded[p] for p in ids])), beta)
+        return dict(zip(ids, values.tolist(), strict=True))
 
-    def _write_back(self, batch: TrainBatch, deltas: Tensor, estimates: dict[str, float]) -> None:
-        """PACED: new accuracy estimates and priorities |N/G - a(x)|; other objectives: mean |delta| per group."""
-        if estimates:
-            self.store.put_acc_estimates(estimates)
-        priorities = []
+    def _outcomes(self, batch: TrainBatch) -> list[GroupOutcome]:
+        """Fresh whole groups: the estimate each was scheduled with, and its accuracy."""
+        estimates = self.accuracy_estimates(_batch_prompts(batch))
+        outcomes = []
         for gid, pid in enumerate(batch.prompt_ids):
-            rows = batch.group_B == gid
-            if estimates:
-                rewards = batch.reward_B[rows]
-                priorities.append(abs(float(rewards.mean()) - estimates[pid]))
-            else:
-                priorities.append(float(deltas[rows].abs().mean()))
-        self.store.update_priorities(batch.keys, priorities)
+            rewards = batch.reward_B[batch.group_B == gid]
+            rewards = rewards[~torch.isnan(rewards)]
+            if batch.replayed[gid] or not batch.fresh[gid] or len(rewards) == 0:
+                continue
+            estimate = estimates.get(pid, float("nan"))
+            outcomes.append(GroupOutcome(pid, estimate, float(rewards.mean()), len(rewards), batch.selections[gid]))
+        return outcomes
+
+    def _batch_metrics(self, batch: TrainBatch, outcomes: list[GroupOutcome]) -> dict[str, float]:
+        """What the batch held (failed responses, replayed rows) and, for PACED-RL, how well a(x) predicted it."""
+        valid = ~torch.isnan(batch.reward_B)
+        on_policy = valid & (batch.replayed_B == 0)
+        metrics = {
+            "rows_replayed": float(batch.replayed_B.sum()),
+            "groups_fresh": float(sum(f and not r for f, r in zip(batch.fresh, batch.replayed, strict=True))),
+            "failed_frac": float((batch.reward_B[on_policy] < 1).float().mean()) if on_policy.any() else float("nan"),
+            **informative_counts(outcomes),
+        }
+        if isinstance(self.log_z, ZPhi):
+            constant = self._accuracy_sum / self._accuracy_groups if self._accuracy_groups else None
+            metrics.update(calibration_metrics(outcomes, constant))
+        self._accuracy_sum += sum(o.accuracy for o in outcomes)
+        self._accuracy_groups += len(outcomes)
+        return metrics
+
+    def _write_back(self, batch: TrainBatch, deltas: Tensor) -> None:
+        """PACED-RL: a(x) for every embedded training prompt (the scheduler ranks candidates with them) and the
+        new error priorities of the batch's groups; other objectives: each group's mean |delta| as its priority."""
+        main = [gid for gid in range(len(batch.keys)) if not batch.replayed[gid]]
+        if isinstance(self.log_z, ZPhi):
+            pending = [(p, ids) for p, ids in self.train_prompts.items() if p not in self._embeddings]
+            self._embed(dict(pending[:_EMBED_PER_STEP]))
+            known = {p: ids for p, ids in self.train_prompts.items() if p in self._embeddings}
+            estimates = self.accuracy_estimates({**known, **_batch_prompts(batch)})
+            self.store.put_acc_estimates(estimates)
+            priorities = [
+                estimate_error(batch.reward_B[batch.group_B == gid].numpy(), estimates[batch.prompt_ids[gid]])
+                for gid in main
+            ]
+        else:
+            priorities = [float(deltas[batch.group_B == gid].abs().mean()) for gid in main]
+        self.store.update_priorities([batch.keys[gid] for gid in main], priorities)
 
     # ----------------------------------------------------------------------------------------- weights
     def _make_probe(self, batch: TrainBatch) -> tuple[list[int], list[int]]:
@@ -277,6 +395,8 @@ class Learner:
             "policy_optimizer": self.engine.engine.optimizer.state_dict() if zero_stage == 0 else None,
             "torch_rng": torch.get_rng_state(),
             "embeddings": dict(self._embeddings),
+            "accuracy_sum": self._accuracy_sum,
+            "accuracy_groups": self._accuracy_groups,
         }
         if self.log_z is not None and self.log_z_opt is not None:
             state["log_z"] = self.log_z.state_dict()
@@ -303,8 +423,11 @@ class Learner:
         if self.log_z is not None and self.log_z_opt is not None:
             self.log_z.load_state_dict(state["log_z"])
             self.log_z_opt.load_state_dict(state["log_z_optimizer"])
+            self._normalised = True  # Z_phi's standardisation is part of its state
         torch.set_rng_state(state["torch_rng"])
         self._embeddings = dict(state.get("embeddings") or {})
+        self._accuracy_sum = float(state.get("accuracy_sum", 0.0))
+        self._accuracy_groups = int(state.get("accuracy_groups", 0))
         self.step_count, self.version = int(state["step"]), int(state["version"])
         self._probe = (list(state["probe"][0]), list(state["probe"][1])) if state["probe"] else None
 

@@ -55,6 +55,10 @@ class ObjectiveInputs:
     """log Z(x) from a head (LogZHead, ZPhi), one value per response."""
     has_format_B: Tensor | None = None
     """PowerFlow's format check: 1 where the response has a final-answer format (no psi penalty)."""
+    replayed_B: Tensor | None = None
+    """1 for responses replayed from the success buffer. Their log Z(x) enters the residual detached, so the
+    log Z parameters are fitted on the on-policy groups alone (replayed responses are all correct, and would
+    pull a(x) = beta log Z_phi(x) above the accuracy it estimates); the policy learns from every row."""
     sample_names: Sequence[str] | None = None
     """Names used in error messages (e.g. 'prompt 3f2a.. sample 5'); row indices when absent."""
 
@@ -86,7 +90,7 @@ def tb_loss(inp: ObjectiveInputs, cfg: TBObjectiveConfig) -> ObjectiveOutput:
     if cfg.log_z == "vargrad":
         log_z_B = vargrad_log_z(log_r_B, logp_B, inp.group_B)
     else:
-        log_z_B = _need(inp.log_z_B, "log_z_B", "tb with log_z='head'")
+        log_z_B = _on_policy_log_z(_need(inp.log_z_B, "log_z_B", "tb with log_z='head'"), inp.replayed_B)
     delta_B = log_z_B + logp_B - log_r_B
     return _finish(delta_B.square(), delta_B, inp, log_z=log_z_B)
 
@@ -97,10 +101,13 @@ def paced_loss(inp: ObjectiveInputs, cfg: PacedObjectiveConfig) -> ObjectiveOutp
         delta = log Z_phi(x) + sum log pi_theta - sum log pi_old - r / beta,    L = mean delta^2
 
     At theta = theta_old the optimum of log Z_phi is E[r] / beta, so beta * log Z_phi(x) estimates the accuracy.
+    pi_old is the policy of this update for every row, replayed ones included (the learner passes its own
+    log-probs, detached): TB's fixed point pi_old * exp(r / beta) / Z holds whatever distribution the responses
+    were drawn from, as long as every row names the same pi_old. Replayed rows use log Z_phi detached.
     """
     old_B = _need(inp.old_logp_BT, "old_logp_BT", "paced").detach().sum(-1)
     reward_B = at_least_f32(_need(inp.reward_B, "reward_B", "paced"))
-    log_z_B = _need(inp.log_z_B, "log_z_B", "paced")
+    log_z_B = _on_policy_log_z(_need(inp.log_z_B, "log_z_B", "paced"), inp.replayed_B)
     delta_B = log_z_B + inp.logp_BT.sum(-1) - old_B - reward_B / cfg.beta
     return _finish(delta_B.square(), delta_B, inp, log_z=log_z_B)
 
@@ -202,6 +209,13 @@ OBJECTIVES: dict[str, Callable[[ObjectiveInputs, Any], ObjectiveOutput]] = {
 
 def compute_objective(inp: ObjectiveInputs, cfg: ObjectiveConfig) -> ObjectiveOutput:
     return OBJECTIVES[cfg.kind](inp, cfg)
+
+
+def _on_policy_log_z(log_z_B: Tensor, replayed_B: Tensor | None) -> Tensor:
+    """log Z with its gradient kept on on-policy rows only (see ObjectiveInputs.replayed_B)."""
+    if replayed_B is None:
+        return log_z_B
+    return torch.where(replayed_B.bool(), log_z_B.detach(), log_z_B)
 
 
 def _need(value: Tensor | None, name: str, objective: str) -> Tensor:

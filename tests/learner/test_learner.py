@@ -69,3 +69,52 @@ def test_checkpoint_restores_the_training_state(stage: int, tiny_model_dir: Path
     assert next_second.loss == pytest.approx(next_first.loss, rel=1e-6)
     if stage == 0:  # the optimizer moments were restored too, so the update after that is identical as well
         assert second.step().loss == pytest.approx(first.step().loss, rel=1e-5)  # type: ignore[union-attr]
+
+
+def test_a_paced_step_trains_on_whole_fresh_groups_and_replayed_successes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """PACED-RL's data flow through a real learner step: fresh groups arrive whole (failures included), one
+    group slot of successful responses comes from the success buffer, a(x) is reported against each fresh
+    group's accuracy, and estimates for every training prompt reach the store for the scheduler."""
+    from cluster.launch import training_prompt_tokens
+
+    cfg = load_config(
+        "tiny_cpu",
+        [
+            f"model.cache_dir={MODEL_CACHE}",
+            "objective={kind: paced, log_z_lr: 0.01}",
+            "replay.fresh_fraction=1.0",
+            "replay.success_buffer={capacity: 128, insert_top_k: 64, share: 0.25}",
+        ],
+    )
+    store = MemoryStore(cfg.replay)
+    rng = random.Random(1)
+    groups = [
+        RolloutGroup.new(
+            prompt_id=f"p{i}",
+            prompt_token_ids=[rng.randrange(4, 100) for _ in range(12)],
+            responses=[[rng.randrange(4, 100) for _ in range(5)] + [2] for _ in range(4)],
+            behaviour_logprobs=[[-4.6] * 6 for _ in range(4)],
+            rewards=[1.0, 0.0, float(i % 2), 0.0],
+            policy_version=0,
+            actor_id="test",
+            selection="explore" if i == 0 else "paced",
+        )
+        for i in range(6)
+    ]
+    store.add(groups, [0.5] * len(groups))
+    prompts = training_prompt_tokens(cfg, tiny_model_dir)
+    learner = Learner(cfg, tiny_model_dir, store, weights_root=tmp_path / "w", prompts=prompts)
+    result = learner.step()
+    assert result is not None
+    assert result.metrics["rows_replayed"] == 4  # round(0.25 * 4 groups) = 1 slot of G = 4 responses
+    assert result.metrics["groups_fresh"] == 3
+    assert result.rows == 3 * 4 + 4
+    assert 0.4 < result.metrics["failed_frac"] < 1  # the fresh groups keep their failed responses
+    assert len(result.calibration) == 3 and {row[4] for row in result.calibration} <= {"explore", "paced"}
+    assert all(row[1] == 0.0 for row in result.calibration)  # Z_phi starts at a(x) = 0 for every prompt
+    assert result.metrics["calib_mae"] == pytest.approx(sum(row[2] for row in result.calibration) / 3)
+    assert result.metrics["calib_mae_const"] != result.metrics["calib_mae_const"]  # NaN: no history yet
+    estimates = [s.acc_estimate for s in store.prompt_stats(list(prompts))]
+    assert len(estimates) == 128 and all(e is not None for e in estimates)  # prompts no actor has rolled out
+    second = learner.step()
+    assert second is not None and second.metrics["calib_mae_const"] >= 0  # now there is a history to compare with

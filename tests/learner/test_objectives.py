@@ -16,7 +16,7 @@ from torch import Tensor
 
 from configs.schema import GRPOObjectiveConfig, PacedObjectiveConfig, PowerFlowObjectiveConfig, TBObjectiveConfig
 from learner import objectives
-from learner.log_partition import LogZHead, ZPhi, accuracy_estimate, replay_priority
+from learner.log_partition import LogZHead, ZPhi, accuracy_estimate
 from learner.logprobs import token_logprobs
 from learner.objectives import (
     OBJECTIVES,
@@ -211,24 +211,32 @@ def test_powerflow_format_penalty_applies_to_unformatted_responses_even_if_maske
 
 
 # --------------------------------------------------------------------------------------------------- PACED
-@pytest.mark.parametrize("policy_lr", [0.0, 3e-3])
-def test_paced_accuracy_estimate_matches_the_behaviour_policy(policy_lr: float) -> None:
-    """beta * log Z_phi(x) recovers each prompt's exact accuracy, frozen or while the policy itself improves."""
-    num_prompts = 4
-    policy = ToyPolicy(num_prompts, init_scale=0.5, seed=3)
+def _correct_sets(policy: ToyPolicy, accuracies: list[float], seed: int) -> Tensor:
+    """A 0/1 reward table giving each prompt roughly the wanted accuracy under `policy`."""
     start = exact_log_probs(policy)
-    gen = torch.Generator().manual_seed(9)
-    correct = torch.zeros(num_prompts, len(RESPONSES))
-    for p, wanted in enumerate([0.1, 0.35, 0.6, 0.85]):  # prompts from hard to easy
+    gen = torch.Generator().manual_seed(seed)
+    correct = torch.zeros(len(accuracies), len(RESPONSES))
+    for p, wanted in enumerate(accuracies):
         covered = 0.0
         for r in torch.randperm(len(RESPONSES), generator=gen).tolist():
             if covered >= wanted:
                 break
             correct[p, r] = 1.0
             covered += start[p, r].exp().item()
-    embeddings = torch.randn(num_prompts, 16, generator=gen)  # frozen reference-model prompt embeddings
-    z_phi = ZPhi(16, 64)
+    return correct
+
+
+@pytest.mark.parametrize("policy_lr", [0.0, 3e-3])
+def test_paced_accuracy_estimate_matches_the_behaviour_policy(policy_lr: float) -> None:
+    """beta * log Z_phi(x) recovers each prompt's exact accuracy, frozen or while the policy itself improves."""
+    num_prompts = 4
+    policy = ToyPolicy(num_prompts, init_scale=0.5, seed=3)
+    start = exact_log_probs(policy)
+    correct = _correct_sets(policy, [0.1, 0.35, 0.6, 0.85], seed=9)  # prompts from hard to easy
+    embeddings = torch.randn(num_prompts, 16, generator=torch.Generator().manual_seed(9))
     cfg = PacedObjectiveConfig()
+    z_phi = ZPhi(16, 64, beta=cfg.beta)
+    z_phi.set_normalisation(embeddings)
 
     def loss(batch: Batch, logp_BT: Tensor, hidden: Tensor) -> ObjectiveOutput:
         inp = ObjectiveInputs(
@@ -241,7 +249,7 @@ def test_paced_accuracy_estimate_matches_the_behaviour_policy(policy_lr: float) 
         )
         return paced_loss(inp, cfg)
 
-    _train(policy, loss, steps=800, head=z_phi, policy_lr=policy_lr, samples_per_prompt=64)
+    _train(policy, loss, steps=800, head=z_phi, policy_lr=policy_lr, head_lr=1e-3, samples_per_prompt=64)
     exact_accuracy = (exact_log_probs(policy).exp() * correct).sum(-1)
     estimate = accuracy_estimate(z_phi(embeddings), cfg.beta).double()
     assert (estimate - exact_accuracy).abs().max() < 0.05
@@ -250,10 +258,111 @@ def test_paced_accuracy_estimate_matches_the_behaviour_policy(policy_lr: float) 
         assert (exact_accuracy > (start.exp() * correct).sum(-1)).all()  # and PACED-RL improved the policy
 
 
-def test_replay_priority_is_the_accuracy_estimate_error() -> None:
-    errors = replay_priority(torch.tensor([8, 0, 4]), 8, torch.tensor([1.0, 0.25, 0.5]))
-    assert torch.allclose(errors, torch.tensor([0.0, 0.25, 0.0]))
-    assert torch.equal(accuracy_estimate(torch.tensor([-3.0, 10.0, 40.0]), 0.05), torch.tensor([0.0, 0.5, 1.0]))
+def _replay_successes(source: ToyPolicy, correct: Tensor, per_prompt: int, gen: torch.Generator) -> Batch:
+    """A success buffer: `per_prompt` correct responses per prompt, drawn from `source` (an older policy)."""
+    probs = exact_log_probs(source).exp() * correct  # source restricted to its correct responses
+    picks = torch.multinomial(probs.float(), per_prompt, replacement=True, generator=gen)
+    prompts = torch.arange(source.num_prompts).repeat_interleave(per_prompt)
+    return make_batch(prompts, picks.flatten(), source.num_prompts)
+
+
+def _cat(a: Batch, b: Batch) -> Batch:
+    return Batch(*(torch.cat([x, y]) for x, y in zip(vars(a).values(), vars(b).values(), strict=True)))
+
+
+@pytest.mark.parametrize("old_logprobs", ["recomputed", "stored"])
+def test_paced_with_replayed_successes_reaches_pi_old_times_exp_r_over_beta(old_logprobs: str) -> None:
+    """One PACED update run to convergence on a batch mixing fresh samples of pi_old with correct responses
+    replayed from an older policy. With pi_old recomputed for every row (what the learner does) the policy
+    reaches the exact target pi_old * exp(r / beta) / Z; with the replayed rows' stored behaviour log-probs it
+    would mix in the older policy's target instead."""
+    num_prompts, beta = 3, 0.5
+    pi_old = ToyPolicy(num_prompts, init_scale=0.5, seed=3).requires_grad_(False)
+    older = ToyPolicy(num_prompts, init_scale=1.5, seed=8).requires_grad_(False)
+    correct = _correct_sets(pi_old, [0.2, 0.4, 0.6], seed=4)
+    policy = copy.deepcopy(pi_old).requires_grad_(True)
+    log_z = torch.nn.Parameter(torch.zeros(num_prompts))
+    cfg = PacedObjectiveConfig(beta=beta)
+    gen = torch.Generator().manual_seed(0)
+    buffer = _replay_successes(older, correct, 200, gen)
+    opt = torch.optim.Adam([{"params": policy.parameters(), "lr": 0.05}, {"params": [log_z], "lr": 0.05}])
+    steps = 1500
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    for _ in range(steps):
+        fresh = sample(pi_old, torch.arange(num_prompts).repeat_interleave(48), gen)
+        replay_rows = torch.randint(0, len(buffer.prompt_B), (48,), generator=gen)
+        replayed = Batch(*(x[replay_rows] for x in vars(buffer).values()))
+        batch = _cat(fresh, replayed)
+        replayed_B = torch.cat([torch.zeros(len(fresh.prompt_B)), torch.ones(48)])
+        logp_BT, _ = token_logprobs(policy, batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT)
+        old_BT, _ = token_logprobs(pi_old, batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT)
+        if old_logprobs == "stored":  # the replayed rows' behaviour policy: the older one
+            stored_BT, _ = token_logprobs(older, batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT)
+            old_BT = torch.where(replayed_B.bool()[:, None], stored_BT, old_BT)
+        inp = ObjectiveInputs(
+            logp_BT=logp_BT,
+            mask_BT=batch.response_mask_BT,
+            group_B=batch.prompt_B,
+            old_logp_BT=old_BT,
+            reward_B=correct[batch.prompt_B, batch.response_index_B],
+            log_z_B=log_z[batch.prompt_B],
+            replayed_B=replayed_B,
+        )
+        out = paced_loss(inp, cfg)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        sched.step()
+    target = exact_log_probs(pi_old) + correct.double() / beta
+    target = target - torch.logsumexp(target, -1, keepdim=True)
+    tv = total_variation(exact_log_probs(policy), target)
+    if old_logprobs == "recomputed":
+        assert tv.max() < 0.05, tv
+        exact_log_z = torch.logsumexp(exact_log_probs(pi_old) + correct / beta, -1)
+        assert (log_z.detach().double() - exact_log_z).abs().max() < 0.1
+    else:
+        assert tv.max() > 0.1, tv
+
+
+@pytest.mark.parametrize("keep_replay_out_of_z", [True, False])
+def test_paced_estimate_is_fitted_on_on_policy_groups_only(keep_replay_out_of_z: bool) -> None:
+    """A third of every batch is replayed correct responses. Marked as replayed, they leave Z_phi alone and
+    a(x) stays the behaviour policy's exact accuracy; fitted on them too, a(x) overestimates the prompts that
+    are not already almost always solved (by up to a third here)."""
+    num_prompts = 4
+    policy = ToyPolicy(num_prompts, init_scale=0.5, seed=3).requires_grad_(False)
+    correct = _correct_sets(policy, [0.1, 0.35, 0.6, 0.85], seed=9)
+    embeddings = torch.randn(num_prompts, 16, generator=torch.Generator().manual_seed(9))
+    cfg = PacedObjectiveConfig()
+    z_phi = ZPhi(16, 64, beta=cfg.beta)
+    z_phi.set_normalisation(embeddings)
+    opt = torch.optim.Adam(z_phi.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    buffer = _replay_successes(policy, correct, 100, gen)
+    for _ in range(600):
+        fresh = sample(policy, torch.arange(num_prompts).repeat_interleave(32), gen)
+        rows = torch.randint(0, len(buffer.prompt_B), (64,), generator=gen)
+        batch = _cat(fresh, Batch(*(x[rows] for x in vars(buffer).values())))
+        logp_BT, _ = token_logprobs(policy, batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT)
+        replayed_B = torch.cat([torch.zeros(len(fresh.prompt_B)), torch.ones(64)])
+        inp = ObjectiveInputs(
+            logp_BT=logp_BT,
+            mask_BT=batch.response_mask_BT,
+            group_B=batch.prompt_B,
+            old_logp_BT=logp_BT.detach(),
+            reward_B=correct[batch.prompt_B, batch.response_index_B],
+            log_z_B=z_phi(embeddings[batch.prompt_B]),
+            replayed_B=replayed_B if keep_replay_out_of_z else None,
+        )
+        opt.zero_grad()
+        paced_loss(inp, cfg).loss.backward()
+        opt.step()
+    exact_accuracy = (exact_log_probs(policy).exp() * correct).sum(-1)
+    error = accuracy_estimate(z_phi(embeddings), cfg.beta).double() - exact_accuracy
+    if keep_replay_out_of_z:
+        assert error.abs().max() < 0.05, error
+    else:
+        assert (error[:3] > 0.1).all() and (error >= 0).all(), error  # prompts of accuracy 0.1, 0.35, 0.6
 
 
 # --------------------------------------------------------------------------------------------------- GRPO
