@@ -171,8 +171,15 @@ def exact_verifier(prompt: Prompt, response: str) -> Verdict:
 
 # --------------------------------------------------------------------------------------------------- loaders
 def load_reasoning_gym(cfg: ReasoningGymTaskConfig) -> Task:
-    """A reasoning-gym generator. The held-out split is generated with a different seed; any training question
-    that also appears there is dropped and replaced, so the splits never overlap even for small problem spaces."""
+    """A reasoning-gym generator, split so that both splits come from the same distribution.
+
+    Generators are often far from uniform over their questions (chain_sum with 1-2 digit terms draws each of its
+    ~200 one-digit questions ~20x more often than each two-digit one), so taking the first distinct questions
+    of one stream for the held-out split and the next ones for training would leave the common (often easy)
+    questions in one split and the rare ones in the other. Instead one stream is walked once, every distinct
+    question goes to the held-out split with probability eval_size / (train_size + eval_size) by a seeded hash
+    of its text, and both splits fill side by side, so they end at the same depth of the stream. The splits never
+    share a question; a small problem space gives fewer prompts, with a warning."""
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
 
@@ -189,32 +196,31 @@ def load_reasoning_gym(cfg: ReasoningGymTaskConfig) -> Task:
         except (TypeError, ValueError, AssertionError) as exc:
             raise TaskDataError(f"task.kwargs: {cfg.kwargs} rejected by {cfg.name!r}: {exc}") from exc
 
+    wanted = cfg.train_size + cfg.eval_size
+    share = cfg.eval_size / wanted
     entries: dict[str, dict[str, Any]] = {}
-
-    def unique(dataset: Any, limit: int, exclude: set[str]) -> list[Prompt]:
-        out: list[Prompt] = []
-        seen = set(exclude)
-        for entry in dataset:
-            question = entry["question"]
-            if question in seen:
-                continue
-            seen.add(question)
+    train: list[Prompt] = []
+    held_out: list[Prompt] = []
+    seen: set[str] = set()
+    for entry in generate(cfg.seed, 4 * wanted + 64):
+        question = entry["question"]
+        if question in seen:
+            continue
+        seen.add(question)
+        split = held_out if _unit_hash(cfg.seed, question) < share else train
+        if len(split) < (cfg.eval_size if split is held_out else cfg.train_size):
             p = Prompt(prompt_id(cfg.name, question), _with_instruction(question, cfg.instruction), entry["answer"])
             entries[p.prompt_id] = entry
-            out.append(p)
-            if len(out) == limit:
-                break
-        return out
-
-    held_out = unique(generate(cfg.seed + 1_000_003, max(cfg.eval_size * 2, 1)), cfg.eval_size, set())
-    held_out_questions = {entries[p.prompt_id]["question"] for p in held_out}
-    train = unique(generate(cfg.seed, cfg.train_size * 2 + 16), cfg.train_size, held_out_questions)
+            split.append(p)
+        if len(train) == cfg.train_size and len(held_out) == cfg.eval_size:
+            break
     scorer = generate(cfg.seed, 1)
     warnings = []
-    if len(train) < cfg.train_size:
+    if len(train) < cfg.train_size or len(held_out) < cfg.eval_size:
         warnings.append(
-            f"task.train_size={cfg.train_size} but {cfg.name!r} with these kwargs gave only {len(train)} distinct "
-            "training questions outside the held-out split; widen the generator's kwargs for more"
+            f"task.train_size={cfg.train_size} and task.eval_size={cfg.eval_size}, but {cfg.name!r} with these kwargs "
+            f"gave only {len(seen)} distinct questions in {4 * wanted + 64} draws: {len(train)} training and "
+            f"{len(held_out)} held-out; widen the generator's kwargs for more"
         )
 
     def verify(prompt: Prompt, response: str) -> Verdict:
@@ -227,6 +233,11 @@ def load_reasoning_gym(cfg: ReasoningGymTaskConfig) -> Task:
         return Verdict(reward=float(scorer.score_answer(parsed, entry)), parsed=parsed)
 
     return Task(name=f"reasoning_gym/{cfg.name}", train=train, eval=held_out, verifier=verify, warnings=warnings)
+
+
+def _unit_hash(seed: int, text: str) -> float:
+    """A number in [0, 1) fixed by the seed and the text."""
+    return int(hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()[:12], 16) / 16**12
 
 
 def load_gsm8k(cfg: GSM8KTaskConfig) -> Task:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,23 @@ def test_reasoning_gym_small_problem_space_stays_disjoint_and_warns() -> None:
     _assert_disjoint(task)
     assert len(task.train) < 500
     assert task.warnings and "distinct" in task.warnings[0]
+
+
+def test_reasoning_gym_splits_share_one_distribution_when_the_generator_is_not_uniform() -> None:
+    """With 1-2 digit terms, each 1-digit question is drawn ~20x more often than each 2-digit one. A training
+    split that had to dig deeper into the stream than the held-out one would hold far fewer easy questions (9%
+    against 43% before the split was fixed); filled side by side, both hold about the same share."""
+    kwargs = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+    task = build_task(ReasoningGymTaskConfig(name="chain_sum", kwargs=kwargs, train_size=1000, eval_size=256))
+
+    def easy_share(prompts: list[Prompt]) -> float:
+        return sum(all(len(n) == 1 for n in re.findall(r"\d+", p.text.split("\n")[0])[:2]) for p in prompts) / len(
+            prompts
+        )
+
+    _assert_disjoint(task)
+    assert len(task.train) == 1000 and len(task.eval) == 256
+    assert abs(easy_share(task.train) - easy_share(task.eval)) < 0.05, (easy_share(task.train), easy_share(task.eval))
 
 
 def test_reasoning_gym_unknown_name_and_bad_kwargs() -> None:
