@@ -22,13 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
 from actors.engines.base import Engine, build_engine
 from actors.scoring import BaseModelScorer, RewardScorer
 from actors.tasks import Prompt, build_task, encode_prompt
 from configs.schema import RunConfig
 from learner.logprobs import response_logprobs
+from replay.priority import estimate_error
 from replay.records import RolloutGroup, WeightVersion
 from replay.store import ReplayStore, connect_store
 
@@ -40,7 +39,9 @@ class WeightSyncError(RuntimeError):
 
 
 class Scheduler(Protocol):
-    def acquire(self, actor_id: str, n: int) -> list[str]: ...
+    def acquire(self, actor_id: str, n: int) -> list[tuple[str, str]]:
+        """Up to n leases: (prompt id, how it was chosen)."""
+        ...
 
     def release(self, actor_id: str, prompt_ids: list[str]) -> None: ...
 
@@ -104,20 +105,20 @@ class RolloutWorker:
 
     def step(self) -> int:
         self.sync_weights()
-        prompt_ids = self.scheduler.acquire(self.actor_id, self.cfg.rollout.prompts_per_batch)
+        leases = self.scheduler.acquire(self.actor_id, self.cfg.rollout.prompts_per_batch)
         try:
-            groups = self._rollout([self.prompts[p] for p in prompt_ids if p in self.prompts])
+            groups = self._rollout([(self.prompts[p], how) for p, how in leases if p in self.prompts])
             if groups:
                 self.store.add(groups, self._priorities(groups))
         finally:
-            self.scheduler.release(self.actor_id, prompt_ids)
+            self.scheduler.release(self.actor_id, [p for p, _ in leases])
         self.counters.steps += 1
         self.counters.groups += len(groups)
         return len(groups)
 
-    def _rollout(self, prompts: list[Prompt]) -> list[RolloutGroup]:
-        tokenised = [(p, self._tokens(p)) for p in prompts]
-        kept = [(p, ids) for p, ids in tokenised if len(ids) <= self.cfg.tokenizer.max_prompt_tokens]
+    def _rollout(self, prompts: list[tuple[Prompt, str]]) -> list[RolloutGroup]:
+        tokenised = [(p, how, self._tokens(p)) for p, how in prompts]
+        kept = [(p, how, ids) for p, how, ids in tokenised if len(ids) <= self.cfg.tokenizer.max_prompt_tokens]
         self.counters.prompts_too_long += len(tokenised) - len(kept)
         if not kept:
             return []
@@ -126,11 +127,11 @@ class RolloutWorker:
         # Seeded by weight version and the step within it, so a resumed synchronous run samples what an
         # uninterrupted one would have.
         seed = (self.seed * 1_000_003 + version * 1_009 + self._steps_at_version) % 2**31
-        outputs = self.engine.generate([ids for _, ids in kept], self.cfg.rollout.sampling, seed=seed)
+        outputs = self.engine.generate([ids for _, _, ids in kept], self.cfg.rollout.sampling, seed=seed)
         self._steps_at_version += 1
         self.counters.generate_s += time.perf_counter() - start
         groups = []
-        for (prompt, ids), samples in zip(kept, outputs, strict=True):
+        for (prompt, how, ids), samples in zip(kept, outputs, strict=True):
             scores = self.rewards.score(prompt, [s.text for s in samples])
             responses = [s.token_ids for s in samples]
             groups.append(
@@ -145,6 +146,7 @@ class RolloutWorker:
                     finish_reasons=[s.finish_reason for s in samples],
                     parsed_answers=scores.parsed,
                     base_logprobs=self.base.score(ids, responses) if self.base is not None else None,
+                    selection=how,
                 )
             )
             self.counters.responses += len(samples)
@@ -160,16 +162,9 @@ class RolloutWorker:
         return self._token_cache[prompt.prompt_id]
 
     def _priorities(self, groups: list[RolloutGroup]) -> list[float]:
-        """e(x) = |N_correct/G - a(x)|; 1.0 (replay first) while a(x) is unknown or the rewards are invalid."""
+        """e(x) = |N_correct/G - a(x)| with the learner's latest a(x) (replay/priority.py)."""
         stats = self.store.prompt_stats([g.prompt_id for g in groups])
-        out = []
-        for group, stat in zip(groups, stats, strict=True):
-            valid = group.rewards[~np.isnan(group.rewards)]
-            if stat.acc_estimate is None or len(valid) == 0:
-                out.append(1.0)
-            else:
-                out.append(abs(float(valid.mean()) - stat.acc_estimate))
-        return out
+        return [estimate_error(g.rewards, s.acc_estimate) for g, s in zip(groups, stats, strict=True)]
 
     # ------------------------------------------------------------------------------------------ weights
     def sync_weights(self) -> bool:
@@ -299,10 +294,10 @@ class _RemoteScheduler:
     def __init__(self, handle: Any) -> None:
         self.handle = handle
 
-    def acquire(self, actor_id: str, n: int) -> list[str]:
+    def acquire(self, actor_id: str, n: int) -> list[tuple[str, str]]:
         import ray
 
-        return list(ray.get(self.handle.acquire.remote(actor_id, n)))
+        return [(pid, how) for pid, how in ray.get(self.handle.acquire.remote(actor_id, n))]
 
     def release(self, actor_id: str, prompt_ids: list[str]) -> None:
         import ray

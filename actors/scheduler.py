@@ -8,8 +8,10 @@ keeps seeing prompts it would not pick. A prompt the learner has not scored yet 
 (most informative until known).
 
 Prompts are leased: a prompt handed to one actor is not handed to another until released, so two actors never
-work on the same prompt at once. One `PromptScheduler` serves all actors (inside a Ray actor when they are
-separate processes); only prompt ids (strings) cross that boundary.
+work on the same prompt at once. Each lease says how the prompt was chosen ('uniform', 'paced', or 'explore'
+for PACED-RL's epsilon picks), so the run can compare the informative share of PACED picks with uniform ones.
+One `PromptScheduler` serves all actors (inside a Ray actor when they are separate processes); only prompt ids
+and those labels (strings) cross that boundary.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from configs.schema import PacedSchedulerConfig, SchedulerConfig
 EstimateLookup = Callable[[Sequence[str]], list[float | None]]
 
 
+Lease = tuple[str, str]
+"""(prompt id, how it was chosen: 'uniform', 'paced' or 'explore')."""
+
+
 def select_paced(
     candidates: Sequence[str],
     estimates: Sequence[float | None],
@@ -31,8 +37,8 @@ def select_paced(
     tau: float,
     epsilon: float,
     rng: random.Random,
-) -> list[str]:
-    """n prompts: round(epsilon * n) uniformly from the candidates, the rest closest to tau."""
+) -> list[Lease]:
+    """n prompts: round(epsilon * n) uniformly from the candidates ('explore'), the rest closest to tau."""
     n = min(n, len(candidates))
     explore = rng.sample(list(candidates), min(round(epsilon * n), n))
     chosen = set(explore)
@@ -41,7 +47,7 @@ def select_paced(
         for pid, est in zip(candidates, estimates, strict=True)
         if pid not in chosen
     )
-    return explore + [pid for _, _, pid in ranked[: n - len(explore)]]
+    return [(pid, "explore") for pid in explore] + [(pid, "paced") for _, _, pid in ranked[: n - len(explore)]]
 
 
 class PromptScheduler:
@@ -63,7 +69,7 @@ class PromptScheduler:
         self._order: list[str] = []
         self._lock = threading.Lock()
 
-    def acquire(self, actor_id: str, n: int) -> list[str]:
+    def acquire(self, actor_id: str, n: int) -> list[Lease]:
         """Up to n prompts no other actor holds; they stay leased to `actor_id` until released."""
         with self._lock:
             free = [p for p in self._candidates(n) if p not in self.leases]
@@ -71,8 +77,8 @@ class PromptScheduler:
                 scores = self.estimates(free) if self.estimates is not None else [None] * len(free)
                 picked = select_paced(free, scores, n, tau=self.cfg.tau, epsilon=self.cfg.epsilon, rng=self.rng)
             else:
-                picked = free[:n]
-            for pid in picked:
+                picked = [(pid, "uniform") for pid in free[:n]]
+            for pid, _ in picked:
                 self.leases[pid] = actor_id
             return picked
 
@@ -140,7 +146,7 @@ class SchedulerServer:
         prompt_ids = [p.prompt_id for p in build_task(cfg.task).train]
         self.scheduler = PromptScheduler(prompt_ids, cfg.rollout.scheduler, seed=cfg.seed, estimates=lookup)
 
-    def acquire(self, actor_id: str, n: int) -> list[str]:
+    def acquire(self, actor_id: str, n: int) -> list[Lease]:
         return self.scheduler.acquire(actor_id, n)
 
     def release(self, actor_id: str, prompt_ids: list[str]) -> None:

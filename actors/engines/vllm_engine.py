@@ -11,6 +11,7 @@ communicator silently does nothing there. Callers verify each update (see the en
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ class VLLMEngine:
 
         on_gpu = torch.cuda.is_available()
         utilization = cfg.gpu_memory_utilization or (0.85 if on_gpu else 0.3)
+        if cfg.cpu_threads_bind is not None and not on_gpu:  # read by the engine process this spawns
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
         self.llm = LLM(
             model=str(model_dir),
             dtype=dtype,

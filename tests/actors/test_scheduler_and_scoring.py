@@ -20,22 +20,26 @@ IDS = [f"p{i}" for i in range(40)]
 
 def test_paced_selection_prefers_prompts_near_tau_and_explores() -> None:
     estimates = {pid: i / 39 for i, pid in enumerate(IDS)}  # accuracy estimates from 0 to 1
-    picked = select_paced(IDS, [estimates[p] for p in IDS], 10, tau=0.5, epsilon=0.2, rng=random.Random(0))
+    leases = select_paced(IDS, [estimates[p] for p in IDS], 10, tau=0.5, epsilon=0.2, rng=random.Random(0))
+    picked = [p for p, _ in leases]
     assert len(picked) == len(set(picked)) == 10
-    exploit = picked[2:]  # round(0.2 * 10) = 2 drawn uniformly first
+    assert [how for _, how in leases] == ["explore"] * 2 + ["paced"] * 8  # round(0.2 * 10) = 2 drawn uniformly
+    exploit = picked[2:]
     assert all(abs(estimates[p] - 0.5) <= 4.5 / 39 for p in exploit)
 
 
 def test_paced_selection_treats_unscored_prompts_as_most_informative() -> None:
     picked = select_paced(["a", "b", "c"], [0.0, None, 1.0], 1, tau=0.5, epsilon=0.0, rng=random.Random(0))
-    assert picked == ["b"]
+    assert picked == [("b", "paced")]
 
 
 def test_uniform_scheduler_covers_every_prompt_each_epoch() -> None:
     scheduler = PromptScheduler(IDS, UniformSchedulerConfig(), seed=1)
     seen: list[str] = []
     for _ in range(10):
-        batch = scheduler.acquire("a0", 4)
+        leases = scheduler.acquire("a0", 4)
+        assert {how for _, how in leases} == {"uniform"}
+        batch = [p for p, _ in leases]
         seen += batch
         scheduler.release("a0", batch)
     assert sorted(seen) == sorted(IDS)
@@ -47,7 +51,7 @@ def test_no_prompt_is_leased_to_two_actors_at_once() -> None:
     )
     held: dict[str, list[str]] = {}
     for actor in ("a0", "a1", "a2"):
-        held[actor] = scheduler.acquire(actor, 8)
+        held[actor] = [p for p, _ in scheduler.acquire(actor, 8)]
     owners = Counter(p for batch in held.values() for p in batch)
     assert sum(len(b) for b in held.values()) == 24 and max(owners.values()) == 1
     assert scheduler.release_actor("a1") == 8  # a restarted actor's leases are freed
@@ -62,7 +66,7 @@ def test_concurrent_actors_never_share_a_prompt() -> None:
 
     def actor(name: str) -> None:
         for _ in range(50):
-            batch = scheduler.acquire(name, 5)
+            batch = [p for p, _ in scheduler.acquire(name, 5)]
             with lock:
                 clashes.extend(p for p in batch if p in active)
                 active.update(dict.fromkeys(batch, name))

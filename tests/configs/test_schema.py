@@ -88,10 +88,27 @@ def test_all_errors_are_reported_at_once() -> None:
         (["rollout.engine={kind: vllm, max_model_len: 128}"], "max_model_len=128"),
         (["learner.deepspeed.offload_param=true"], "offload_param needs zero_stage 3"),
         (["task.eval_size=0"], "nothing to evaluate on"),
+        (["replay.successful_only=true"], "would filter the main replay table"),
+        (["replay.insert_top_k=64"], "set replay.success_buffer"),
+        (["objective={kind: grpo}", "replay.success_buffer={share: 0.25}"], "needs whole groups"),
+        (["objective.log_z=vargrad", "replay.success_buffer={share: 0.25}"], "log_z='vargrad'"),
+        (["replay.success_buffer={share: 0.9}", "learner.groups_per_step=2"], "leaves no fresh group"),
+        (
+            ["task={kind: creative, num_prompts: 10}", "objective={kind: powerflow}", "replay.success_buffer={}"],
+            "has no verifier",
+        ),
+        (["learner.sync=true", "replay.fresh_fraction=1.0", "rollout.prompts_per_batch=8"], "make them equal"),
     ],
 )
 def test_cross_field_rules(overrides: list[str], expected: str) -> None:
     assert expected in _error(overrides)
+
+
+def test_the_batch_plan_splits_group_slots_between_fresh_groups_and_replayed_responses() -> None:
+    cfg = load_config("smollm2_cpu", ["learner.groups_per_step=8", "rollout.sampling.num_samples=8"])
+    assert cfg.replay.success_buffer is not None and cfg.replay.success_buffer.share == 0.25
+    assert cfg.batch_plan == (6, 16)  # 2 of 8 group slots, 8 responses each, from the success buffer
+    assert load_config("tiny_cpu").batch_plan == (4, 0)
 
 
 def test_tb_objective_fields_survive_an_override_round_trip() -> None:

@@ -47,7 +47,8 @@ def _check_run(summary: Any, max_lag: int) -> None:
     assert sum(s["loss"] for s in last) < 0.5 * sum(s["loss"] for s in first)  # the loss falls
     assert [s["version"] for s in steps] == list(range(1, 25))  # a new weight version every step
     assert max(s["lag_max"] for s in steps) <= max_lag  # the staleness bound holds
-    assert len(summary.evals) == 2 and all(e["prompts"] == 4 for e in summary.evals)
+    assert [e["step"] for e in summary.evals] == [0, 12, 24]  # the baseline, then every eval.every_steps
+    assert all(e["prompts"] == 4 and "avg@2" in e["metrics"] for e in summary.evals)
     alive = [c for c in summary.actor_counters if "error" not in c or c["error"] is None]
     assert len(alive) == 2
     assert all(c["weight_updates"] > 0 and c["weight_version"] > 0 for c in alive)  # actors took new weights
@@ -55,6 +56,10 @@ def _check_run(summary: Any, max_lag: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(summary.final_dir)  # the final checkpoint loads
     assert model.config.hidden_size == 128
     assert (summary.run_dir / "metrics.jsonl").read_text().count("\n") == 24
+    # Every run can be looked at: plots and a markdown report with the before/after table.
+    assert summary.report is not None and "## Held-out: step 0 vs step 24" in summary.report.read_text()
+    for plot in ("heldout.png", "training.png"):
+        assert (summary.run_dir / plot).stat().st_size > 10_000
 
 
 def test_train_with_the_in_process_replay(ray_local: Any, tmp_path: Path) -> None:
