@@ -161,6 +161,7 @@ def train(
         evaluator = (
             start_evaluator(cfg, model_dir, pick_engine(cfg.rollout.engine.kind)) if cfg.eval.every_steps else None
         )
+    _warn_if_unschedulable(cfg, console)
     summary = TrainSummary(run_dir=run_dir)
     num_steps = min(cfg.learner.num_steps, done + (max_steps or cfg.learner.num_steps))
     console.print(
@@ -404,6 +405,22 @@ def _progress(recorder: RunRecorder, num_steps: int, cfg: RunConfig) -> Group:
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _warn_if_unschedulable(cfg: RunConfig, console: Console) -> None:
+    """A run that asks Ray for more CPUs than the cluster has waits for actors that never start; say so now
+    (an autoscaling cluster may still add nodes, so this is a warning, not an error)."""
+    import ray
+
+    c = cfg.cluster
+    asked = c.learner_resources.num_cpus + c.num_rollout_actors * c.rollout_resources.num_cpus
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if asked > have:
+        console.print(
+            f"[yellow]warning[/] the run asks Ray for {asked:g} CPUs (learner {c.learner_resources.num_cpus:g} + "
+            f"{c.num_rollout_actors} x rollout {c.rollout_resources.num_cpus:g}) but the cluster has {have:g}: "
+            "actors that do not fit wait until resources appear. Lower cluster.*_resources.num_cpus or add nodes."
+        )
 
 
 def _start_ray(cfg: RunConfig) -> None:

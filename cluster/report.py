@@ -165,11 +165,11 @@ def plot_calibration(steps: Sequence[dict[str, Any]], groups: Sequence[dict[str,
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = [s["step"] for s in steps]
-    window = max(1, len(steps) // 10)
+    window = max(3, len(steps) // 8)
     mae = [s["metrics"].get("calib_mae", math.nan) for s in steps]
     const = [s["metrics"].get("calib_mae_const", math.nan) for s in steps]
     axes[0].plot(x, _moving_average(mae, window), lw=2, label="a(x) = beta log Z_phi(x)")
-    axes[0].plot(x, _moving_average(const, window), lw=2, ls="--", label="constant: mean accuracy so far")
+    axes[0].plot(x, _moving_average(const, window), lw=2, ls="--", label="constant: recent mean accuracy")
     axes[0].set_xlabel("learner step")
     axes[0].set_ylabel(f"mean |a(x) - group accuracy| (mean of {window})")
     axes[0].set_title("Calibration error on fresh groups (out of sample)")
@@ -317,7 +317,7 @@ def _calibration_lines(steps: Sequence[dict[str, Any]]) -> list[str]:
         "| | first steps | last steps |",
         "|---|---|---|",
         f"| a(x) = beta log Z_phi(x) | {mean('calib_mae', first):.3f} | {mean('calib_mae', last):.3f} |",
-        f"| constant (mean accuracy so far) | {mean('calib_mae_const', first):.3f} | "
+        f"| constant (mean accuracy of the last 4 steps) | {mean('calib_mae_const', first):.3f} | "
         f"{mean('calib_mae_const', last):.3f} |",
         f"| correlation of a(x) with accuracy | {mean('calib_corr', first):.3f} | {mean('calib_corr', last):.3f} |",
         "",

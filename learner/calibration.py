@@ -2,8 +2,9 @@
 
 Each learner step compares, for the fresh whole groups of its batch, the estimate the scheduler saw when it
 picked the prompt (Z_phi before this step's update, so the group is out of sample) with the group's empirical
-accuracy N_correct/G. A constant estimate, the mean accuracy of every group trained on before, is the baseline
-that a per-prompt estimator has to beat.
+accuracy N_correct/G. A constant estimate, the mean accuracy of the fresh groups of the last few steps (the
+learner's CONSTANT_WINDOW_STEPS), is the baseline that a per-prompt estimator has to beat: it knows how good the
+policy is now, but nothing about the prompt.
 """
 
 from __future__ import annotations

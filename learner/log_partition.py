@@ -56,7 +56,12 @@ class ZPhi(nn.Module):
     - Embeddings are standardised with the mean and spread of the training prompts' embeddings
       (`set_normalisation`): mean-pooled prompt states share a large common component (chat template, system
       prompt), and only the differences tell prompts apart.
-    The last layer starts at zero: log Z_phi = 0, a(x) = 0, for every prompt.
+    - The common level is data, the differences are learned: log Z_phi(x) = (offset + MLP(x)) / beta, where the
+      learner sets `offset` to the recent mean accuracy of fresh groups (`set_offset`), so the MLP learns how
+      each prompt differs from the policy's current accuracy. The level then follows a policy that improves
+      every step at once, while the per-prompt part, fitted on a few noisy groups per prompt, moves slowly; with
+      the MLP at zero the estimate is exactly the recent mean, the constant it has to beat.
+    The last layer starts at zero: a(x) = offset (0 before the first step) for every prompt.
     """
 
     def __init__(self, embed_dim: int, hidden: int = 256, *, beta: float = 0.05, clamp: float = 20.0) -> None:
@@ -68,6 +73,7 @@ class ZPhi(nn.Module):
         nn.init.zeros_(self.mlp[-1].bias)
         self.register_buffer("mean", torch.zeros(embed_dim))
         self.register_buffer("scale", torch.ones(embed_dim))
+        self.register_buffer("offset", torch.zeros(()))
         self.beta = beta
         self.clamp = clamp
 
@@ -78,8 +84,13 @@ class ZPhi(nn.Module):
         if len(embeddings_NE) > 1:
             self.scale.copy_(embeddings_NE.std(0).clamp_min(1e-6))
 
+    @torch.no_grad()
+    def set_offset(self, accuracy: float) -> None:
+        """The common level of a(x): the policy's recent mean accuracy."""
+        self.offset.fill_(accuracy)
+
     def forward(self, embedding_BE: Tensor) -> Tensor:
-        accuracy_B = self.mlp((embedding_BE - self.mean) / self.scale).squeeze(-1)
+        accuracy_B = self.offset + self.mlp((embedding_BE - self.mean) / self.scale).squeeze(-1)
         return clamp_straight_through(accuracy_B / self.beta, self.clamp)
 
 

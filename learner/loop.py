@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # (their statistics standardise Z_phi's inputs), the rest this many per step, so a large dataset costs no
 # long pause at start (SmolLM2-135M embeds ~2,000 prompt tokens/s on 2 CPU cores).
 _EMBED_AT_START = 512
+CONSTANT_WINDOW_STEPS = 4
 _EMBED_PER_STEP = 64
 
 
@@ -122,9 +124,9 @@ class Learner:
         self.step_count = 0
         self.version = 0
         self._probe: tuple[list[int], list[int]] | None = None
-        # Mean accuracy of every fresh group trained on so far: the constant estimate calibration is compared to.
-        self._accuracy_sum = 0.0
-        self._accuracy_groups = 0
+        # Accuracies of the fresh groups of the last few steps: their mean is the constant estimate that a(x) is
+        # compared with (recent, so that it follows a policy that improves, as a(x) has to).
+        self._recent_accuracy: deque[list[float]] = deque(maxlen=CONSTANT_WINDOW_STEPS)
 
     def _build_log_z(self, hidden: int) -> nn.Module | None:
         obj = self.cfg.objective
@@ -331,10 +333,12 @@ class Learner:
             **informative_counts(outcomes),
         }
         if isinstance(self.log_z, ZPhi):
-            constant = self._accuracy_sum / self._accuracy_groups if self._accuracy_groups else None
-            metrics.update(calibration_metrics(outcomes, constant))
-        self._accuracy_sum += sum(o.accuracy for o in outcomes)
-        self._accuracy_groups += len(outcomes)
+            recent = [a for step in self._recent_accuracy for a in step]
+            metrics.update(calibration_metrics(outcomes, sum(recent) / len(recent) if recent else None))
+        self._recent_accuracy.append([o.accuracy for o in outcomes])
+        recent = [a for step in self._recent_accuracy for a in step]
+        if isinstance(self.log_z, ZPhi) and recent:  # the level of a(x) for the next prompts (see ZPhi)
+            self.log_z.set_offset(sum(recent) / len(recent))
         return metrics
 
     def _write_back(self, batch: TrainBatch, deltas: Tensor) -> None:
@@ -395,8 +399,7 @@ class Learner:
             "policy_optimizer": self.engine.engine.optimizer.state_dict() if zero_stage == 0 else None,
             "torch_rng": torch.get_rng_state(),
             "embeddings": dict(self._embeddings),
-            "accuracy_sum": self._accuracy_sum,
-            "accuracy_groups": self._accuracy_groups,
+            "recent_accuracy": [list(step) for step in self._recent_accuracy],
         }
         if self.log_z is not None and self.log_z_opt is not None:
             state["log_z"] = self.log_z.state_dict()
@@ -426,8 +429,7 @@ class Learner:
             self._normalised = True  # Z_phi's standardisation is part of its state
         torch.set_rng_state(state["torch_rng"])
         self._embeddings = dict(state.get("embeddings") or {})
-        self._accuracy_sum = float(state.get("accuracy_sum", 0.0))
-        self._accuracy_groups = int(state.get("accuracy_groups", 0))
+        self._recent_accuracy.extend([float(a) for a in step] for step in state.get("recent_accuracy", []))
         self.step_count, self.version = int(state["step"]), int(state["version"])
         self._probe = (list(state["probe"][0]), list(state["probe"][1])) if state["probe"] else None
 
