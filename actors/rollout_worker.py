@@ -4,8 +4,12 @@ One `RolloutWorker.step()` is one engine call: lease `prompts_per_batch` prompts
 responses each, score them (verifier rewards under a timeout; base-model log-likelihoods for PowerFlow), build
 one `RolloutGroup` per prompt stamped with the engine's weight version, and add them to the store with
 priority e(x) = |N_correct/G - a(x)| (PACED-RL; 1 while the learner has no estimate yet, so unseen prompts are
-replayed first). The worker never waits on the learner: between steps it checks the store's latest weight
-announcement, loads it in place and verifies it with the announcement's teacher-forced probe.
+replayed first). Between steps it checks the store's latest weight announcement, loads it in place and verifies
+it with the announcement's teacher-forced probe. Asynchronous (the default), the worker never waits on the
+learner; with `learner.sync` the two take turns through the replay (replay/handshake.py).
+
+A worker is built from a `RolloutWorkerSpec` (configs/schema.py): its own section plus the few facts from other
+sections that the launcher resolves once; it never sees the rest of the run's config.
 
 `RolloutActor` runs the loop on a thread inside a Ray actor. Ray restarts a dead actor (max_restarts); the
 constructor then reloads the newest weights, frees the leases the old incarnation held, and resumes the loop.
@@ -25,8 +29,8 @@ from typing import Any, Protocol
 from actors.engines.base import Engine, build_engine
 from actors.scoring import BaseModelScorer, RewardScorer
 from actors.tasks import Prompt, build_task, encode_prompt
-from configs.schema import RunConfig
-from learner.logprobs import response_logprobs
+from configs.schema import RolloutWorkerSpec, RunConfig
+from replay.handshake import wait_for_turn
 from replay.priority import estimate_error
 from replay.records import RolloutGroup, WeightVersion
 from replay.store import ReplayStore, connect_store
@@ -63,20 +67,28 @@ class WorkerCounters:
 
 class RolloutWorker:
     def __init__(
-        self, *, actor_id: str, cfg: RunConfig, model_dir: Path, store: ReplayStore, scheduler: Scheduler, seed: int
+        self,
+        *,
+        actor_id: str,
+        spec: RolloutWorkerSpec,
+        model_dir: Path,
+        store: ReplayStore,
+        scheduler: Scheduler,
+        seed: int,
     ) -> None:
         self.actor_id = actor_id
-        self.cfg = cfg
+        self.spec = spec
+        self.cfg = spec.rollout
         self.model_dir = Path(model_dir)
         self.store = store
         self.scheduler = scheduler
         self.seed = seed
-        self.task = build_task(cfg.task)
+        self.task = build_task(spec.task)
         self.prompts: dict[str, Prompt] = {p.prompt_id: p for p in self.task.train}
-        self.engine: Engine = build_engine(cfg.rollout.engine, self.model_dir, dtype=cfg.model.dtype, seed=seed)
-        self.tokenizer: Any = self.engine.tokenizer  # type: ignore[attr-defined]
-        self.rewards = RewardScorer(self.task, timeout_s=cfg.rollout.reward_timeout_s)
-        self.base = BaseModelScorer(self.model_dir) if cfg.rollouts_need_base_logprobs else None
+        self.engine: Engine = build_engine(self.cfg.engine, self.model_dir, dtype=spec.dtype, seed=seed)
+        self.tokenizer = self.engine.tokenizer
+        self.rewards = RewardScorer(self.task, timeout_s=self.cfg.reward_timeout_s)
+        self.base = BaseModelScorer(self.model_dir) if spec.need_base_logprobs else None
         self.counters = WorkerCounters()
         self._token_cache: dict[str, list[int]] = {}
         self._steps_at_version = 0
@@ -87,25 +99,23 @@ class RolloutWorker:
     ) -> None:
         """Loop until `stop` is set (after the current step). In synchronous mode the loop also ends by itself once
         it has produced the batch for `last_version()`, so a run that stops leaves no half-consumed batch."""
-        sync = self.cfg.learner.sync
+        sync = self.spec.sync
+        used = -1  # the weight version of this worker's last batch
         while not stop.is_set() and (max_steps is None or self.counters.steps < max_steps):
-            # Synchronous mode: generate only once the learner has consumed the last batch, then wait for the
-            # version it trains next, so every batch comes from the newest weights.
-            while sync and not stop.is_set() and self.store.stats().fresh > 0:
-                time.sleep(0.02)
-            if stop.is_set():
-                break
-            self.step()
-            used = self.engine.weight_version
-            while sync and not stop.is_set() and self.store.policy_version() <= used:
+            if sync:
                 final = last_version()
                 if final is not None and used >= final:
                     return
-                time.sleep(0.02)
+                if not wait_for_turn(
+                    self.store, after_version=used, batch_groups=self.spec.batch_groups, stop=stop, timeout_s=1.0
+                ):
+                    continue  # look at `stop` and the last version again
+            self.step()
+            used = self.engine.weight_version
 
     def step(self) -> int:
         self.sync_weights()
-        leases = self.scheduler.acquire(self.actor_id, self.cfg.rollout.prompts_per_batch)
+        leases = self.scheduler.acquire(self.actor_id, self.cfg.prompts_per_batch)
         try:
             groups = self._rollout([(self.prompts[p], how) for p, how in leases if p in self.prompts])
             if groups:
@@ -118,7 +128,7 @@ class RolloutWorker:
 
     def _rollout(self, prompts: list[tuple[Prompt, str]]) -> list[RolloutGroup]:
         tokenised = [(p, how, self._tokens(p)) for p, how in prompts]
-        kept = [(p, how, ids) for p, how, ids in tokenised if len(ids) <= self.cfg.tokenizer.max_prompt_tokens]
+        kept = [(p, how, ids) for p, how, ids in tokenised if len(ids) <= self.spec.tokenizer.max_prompt_tokens]
         self.counters.prompts_too_long += len(tokenised) - len(kept)
         if not kept:
             return []
@@ -127,7 +137,7 @@ class RolloutWorker:
         # Seeded by weight version and the step within it, so a resumed synchronous run samples what an
         # uninterrupted one would have.
         seed = (self.seed * 1_000_003 + version * 1_009 + self._steps_at_version) % 2**31
-        outputs = self.engine.generate([ids for _, _, ids in kept], self.cfg.rollout.sampling, seed=seed)
+        outputs = self.engine.generate([ids for _, _, ids in kept], self.cfg.sampling, seed=seed)
         self._steps_at_version += 1
         self.counters.generate_s += time.perf_counter() - start
         groups = []
@@ -158,7 +168,7 @@ class RolloutWorker:
 
     def _tokens(self, prompt: Prompt) -> list[int]:
         if prompt.prompt_id not in self._token_cache:
-            self._token_cache[prompt.prompt_id] = encode_prompt(self.tokenizer, prompt.text, self.cfg.tokenizer)
+            self._token_cache[prompt.prompt_id] = encode_prompt(self.tokenizer, prompt.text, self.spec.tokenizer)
         return self._token_cache[prompt.prompt_id]
 
     def _priorities(self, groups: list[RolloutGroup]) -> list[float]:
@@ -188,7 +198,7 @@ def verify_weights(worker: RolloutWorker, weights: WeightVersion) -> None:
     """Teacher-force the announcement's probe through the engine's own weights and compare log-probs."""
     if not weights.probe_response:
         return
-    got = engine_logprobs(worker.engine, weights.probe_prompt, weights.probe_response)
+    got = worker.engine.logprobs(weights.probe_prompt, weights.probe_response)
     # The mean, not the max: in bf16 single unlikely tokens differ by up to ~0.2 nats even with identical weights.
     gap = sum(abs(a - b) for a, b in zip(got, weights.probe_logprobs, strict=True)) / len(got)
     if not math.isfinite(gap) or gap > weights.probe_tolerance:
@@ -198,31 +208,13 @@ def verify_weights(worker: RolloutWorker, weights: WeightVersion) -> None:
         )
 
 
-def engine_logprobs(engine: Engine, prompt: list[int], response: list[int]) -> list[float]:
-    """Teacher-forced log-probs of `response` under the engine's current weights."""
-    hf_model = getattr(engine, "model", None)
-    if hf_model is not None:
-        return response_logprobs(hf_model, prompt, response)
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = engine.llm  # type: ignore[attr-defined]
-    [out] = llm.generate(
-        [TokensPrompt(prompt_token_ids=prompt + response)],
-        SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
-        use_tqdm=False,
-    )
-    positions = out.prompt_logprobs[len(prompt) :]
-    return [step[token].logprob for token, step in zip(response, positions, strict=True)]
-
-
 class RolloutActor:
     """The Ray actor around a RolloutWorker: the loop runs on its own thread from construction on."""
 
     def __init__(
         self,
         actor_id: str,
-        cfg_json: str,
+        spec_json: str,
         model_dir: str,
         scheduler: Any,
         replay_server: Any = None,
@@ -231,14 +223,14 @@ class RolloutActor:
     ) -> None:
         import ray
 
-        cfg = RunConfig.model_validate_json(cfg_json)
+        spec = RolloutWorkerSpec.model_validate_json(spec_json)
         self.actor_id = actor_id
         self.scheduler = scheduler
-        store = connect_store(cfg.replay, run_name=cfg.replay_namespace, server=replay_server)
+        store = connect_store(spec.replay, run_name=spec.replay_namespace, server=replay_server)
         ray.get(scheduler.release_actor.remote(actor_id))  # a restarted incarnation frees its predecessor's leases
         self.worker = RolloutWorker(
             actor_id=actor_id,
-            cfg=cfg,
+            spec=spec,
             model_dir=Path(model_dir),
             store=store,
             scheduler=_RemoteScheduler(scheduler),
@@ -321,4 +313,5 @@ def start_rollout_actor(
         max_restarts=cfg.cluster.max_actor_restarts,
         max_concurrency=4,  # counters()/stop() answer while the loop thread works
     )
-    return actor_cls.remote(actor_id, cfg.to_worker_json(), str(model_dir), scheduler, replay_server, seed)
+    spec = cfg.rollout_worker_spec().to_worker_json()
+    return actor_cls.remote(actor_id, spec, str(model_dir), scheduler, replay_server, seed)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from configs.schema import PacedSchedulerConfig, SchedulerConfig
+from configs.schema import PacedSchedulerConfig, RunConfig, SchedulerConfig
 
 EstimateLookup = Callable[[Sequence[str]], list[float | None]]
 
@@ -130,21 +131,30 @@ class PromptScheduler:
 class SchedulerServer:
     """One PromptScheduler for every rollout actor of a run, as a Ray actor; PACED estimates come from the store."""
 
-    def __init__(self, cfg_json: str, replay_server: object | None = None) -> None:
-        from actors.tasks import build_task
-        from configs.schema import RunConfig
+    def __init__(
+        self,
+        scheduler_json: str,
+        prompt_ids: list[str],
+        seed: int,
+        replay_json: str,
+        replay_namespace: str,
+        replay_server: object | None = None,
+    ) -> None:
+        from pydantic import TypeAdapter
+
+        from configs.schema import ReplayConfig
         from replay.store import connect_store
 
-        cfg = RunConfig.model_validate_json(cfg_json)
+        cfg: SchedulerConfig = TypeAdapter(SchedulerConfig).validate_json(scheduler_json)
         lookup: EstimateLookup | None = None
-        if isinstance(cfg.rollout.scheduler, PacedSchedulerConfig):
-            store = connect_store(cfg.replay, run_name=cfg.replay_namespace, server=replay_server)
+        if isinstance(cfg, PacedSchedulerConfig):
+            replay: ReplayConfig = TypeAdapter(ReplayConfig).validate_json(replay_json)
+            store = connect_store(replay, run_name=replay_namespace, server=replay_server)
 
             def lookup(ids: Sequence[str]) -> list[float | None]:
                 return [s.acc_estimate for s in store.prompt_stats(list(ids))]
 
-        prompt_ids = [p.prompt_id for p in build_task(cfg.task).train]
-        self.scheduler = PromptScheduler(prompt_ids, cfg.rollout.scheduler, seed=cfg.seed, estimates=lookup)
+        self.scheduler = PromptScheduler(prompt_ids, cfg, seed=seed, estimates=lookup)
 
     def acquire(self, actor_id: str, n: int) -> list[Lease]:
         return self.scheduler.acquire(actor_id, n)
@@ -165,7 +175,11 @@ class SchedulerServer:
         self.scheduler.restore(state)
 
 
-def start_scheduler_server(cfg_json: str, replay_server: object | None = None) -> object:
+def start_scheduler_server(cfg: RunConfig, prompt_ids: list[str], replay_server: object | None = None) -> Any:
+    """The run's SchedulerServer over the training prompts' ids, built from rollout.scheduler (and, for PACED
+    selection, the replay that holds the accuracy estimates)."""
     import ray
 
-    return ray.remote(num_cpus=0, max_concurrency=16)(SchedulerServer).remote(cfg_json, replay_server)
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=16)(SchedulerServer)
+    scheduler_json, replay_json = cfg.rollout.scheduler.to_worker_json(), cfg.replay.to_worker_json()
+    return actor_cls.remote(scheduler_json, prompt_ids, cfg.seed, replay_json, cfg.replay_namespace, replay_server)

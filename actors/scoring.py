@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from actors.tasks import Prompt, Task
-from cluster.models import torch_dtype
+from configs.dtypes import torch_dtype
 from learner.logprobs import token_logprobs
 
 
@@ -26,7 +26,6 @@ class ScoreCounters:
     errors: int = 0
     timeouts: int = 0
     last_error: str = ""
-    error_samples: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

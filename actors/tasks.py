@@ -240,14 +240,25 @@ def _unit_hash(seed: int, text: str) -> float:
     return int(hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()[:12], 16) / 16**12
 
 
+def default_gsm8k_dir() -> Path:
+    """The GSM8K copy shipped inside the package (actors/data/gsm8k: train.jsonl, test.jsonl, MIT LICENSE)."""
+    return Path(__file__).resolve().parent / "data" / "gsm8k"
+
+
 def load_gsm8k(cfg: GSM8KTaskConfig) -> Task:
     """GSM8K from local JSONL: train.jsonl for training, test.jsonl held out. Gold answers follow '####'."""
-    data_dir = cfg.data_dir.expanduser()
+    data_dir = default_gsm8k_dir() if cfg.data_dir is None else cfg.data_dir.expanduser()
     files = {split: data_dir / f"{split}.jsonl" for split in ("train", "test")}
     for path in files.values():
+        if not path.is_file() and cfg.data_dir is None:
+            raise TaskDataError(
+                f"task.data_dir unset, but the GSM8K copy shipped with paceflow is missing ({str(path)!r} not found); "
+                "reinstall paceflow or set task.data_dir to a folder with train.jsonl and test.jsonl"
+            )
         if not path.is_file():
             raise TaskDataError(
-                f"task.data_dir: {str(path)!r} not found; GSM8K ships in shared/data/gsm8k next to the repository"
+                f"task.data_dir={str(cfg.data_dir)!r}: {str(path)!r} not found; "
+                "leave task.data_dir unset to use the GSM8K copy shipped with paceflow"
             )
     task = Task(name="gsm8k", train=[], eval=[], verifier=math_verifier)
 

@@ -29,49 +29,9 @@ from cluster.evaluate import estimates_to_json, pick_engine, results_from_json, 
 from cluster.models import resolve_model_dir
 from configs.load import to_yaml
 from configs.schema import RunConfig
+from learner.server import start_learner
 from replay.remote import RemoteStore, start_replay_server
 from replay.store import ReplayStore, build_store
-
-
-class LearnerServer:
-    """The learner as a Ray actor (placed with `cluster.learner_resources`); returns plain dicts."""
-
-    def __init__(
-        self, cfg_json: str, model_dir: str, replay_server: Any, weights_root: str, resume: str | None = None
-    ) -> None:
-        import torch
-
-        from learner.loop import Learner
-        from replay.store import connect_store
-
-        cfg = RunConfig.model_validate_json(cfg_json)
-        # Ray sets OMP_NUM_THREADS from the actor's CPUs, rounded down; give torch what the config reserves.
-        torch.set_num_threads(max(1, math.ceil(cfg.cluster.learner_resources.num_cpus)))
-        store = connect_store(cfg.replay, run_name=cfg.replay_namespace, server=replay_server)
-        prompts = training_prompt_tokens(cfg, Path(model_dir)) if cfg.objective.kind == "paced" else None
-        self.learner = Learner(cfg, Path(model_dir), store, weights_root=Path(weights_root), prompts=prompts)
-        if resume:
-            self.learner.load_checkpoint(Path(resume))
-            if self.learner.version:  # the old weight files are gone: publish the restored weights again
-                self.learner.publish(bump=False)
-
-    def step_count(self) -> int:
-        return self.learner.step_count
-
-    def save_checkpoint(self, directory: str) -> None:
-        self.learner.save_checkpoint(Path(directory))
-
-    def step(self, wait_timeout_s: float) -> dict[str, Any] | None:
-        result = self.learner.step(wait_timeout_s=wait_timeout_s)
-        return asdict(result) if result is not None else None
-
-    def publish(self) -> int:
-        self.learner.publish()
-        return self.learner.version
-
-    def save_pretrained(self, directory: str) -> str:
-        self.learner.save_pretrained(Path(directory))
-        return directory
 
 
 def training_prompt_tokens(cfg: RunConfig, model_dir: Path) -> dict[str, list[int]]:
@@ -143,16 +103,11 @@ def train(
             RemoteStore(server) if server is not None else build_store(cfg.replay, run_name=cfg.replay_namespace)
         )
         weights_root = _weights_root(cfg)
-        worker_json = cfg.to_worker_json()
-        scheduler = start_scheduler_server(worker_json, server)
+        scheduler = start_scheduler_server(cfg, [p.prompt_id for p in task.train], server)
         if checkpoint is not None:
             ray.get(scheduler.restore.remote(json.loads((checkpoint / "scheduler.json").read_text())))
-        learner_res = cfg.cluster.learner_resources
-        learner = (
-            ray.remote(LearnerServer)
-            .options(num_cpus=learner_res.num_cpus, num_gpus=learner_res.num_gpus, resources=learner_res.custom or None)
-            .remote(worker_json, str(model_dir), server, str(weights_root), str(checkpoint) if checkpoint else None)
-        )
+        prompts = training_prompt_tokens(cfg, model_dir) if cfg.objective.kind == "paced" else None
+        learner = start_learner(cfg, model_dir, server, weights_root, prompts=prompts, resume=checkpoint)
         done = ray.get(learner.step_count.remote())  # also waits for a resumed learner to re-publish its weights
         actors = [
             start_rollout_actor(f"rollout-{i}", cfg, model_dir, scheduler, server, seed=cfg.seed * 1000 + i)

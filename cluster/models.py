@@ -167,9 +167,3 @@ def _convert_smollm2(out_dir: Path) -> Path:
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return out_dir
-
-
-def torch_dtype(name: str):  # -> torch.dtype
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

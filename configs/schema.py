@@ -10,6 +10,7 @@ This module imports pydantic only, so it is cheap to import anywhere (actors, le
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,6 +29,11 @@ class Section(BaseModel):
     """Base for every config section: unknown keys are errors and values are immutable after loading."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    def to_worker_json(self) -> str:
+        """The section for the run's own processes (Ray actors): JSON with secrets included (everywhere else
+        they are masked)."""
+        return self.model_dump_json(context={"reveal_secrets": True})
 
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -134,8 +140,9 @@ class GSM8KTaskConfig(_TaskCommon):
     """GSM8K grade-school maths; answers checked with math-verify."""
 
     kind: Literal["gsm8k"] = "gsm8k"
-    data_dir: Path = Path("../shared/data/gsm8k")
-    """Folder with train.jsonl and test.jsonl (relative paths are taken from the working directory)."""
+    data_dir: Path | None = None
+    """Folder with train.jsonl and test.jsonl (relative paths are taken from the working directory); None uses
+    the copy shipped with paceflow (actors/data/gsm8k, MIT licence)."""
     train_size: int | None = Field(None, ge=1)
     """Use only the first N training rows; None uses all 7,473."""
     instruction: str = "Think step by step, then give the final answer inside \\boxed{}."
@@ -537,6 +544,47 @@ class EvalConfig(Section):
     """Evaluation temperature (0 = greedy)."""
 
 
+# --------------------------------------------------------------------------------------------------- parts
+class RolloutWorkerSpec(Section):
+    """What one rollout worker is built from: its own section, the task it samples and scores, how prompts are
+    tokenised, the replay it writes to, and the facts from other sections that the launcher resolves once
+    (`RunConfig.rollout_worker_spec`). A worker never sees the rest of the run's config."""
+
+    rollout: RolloutConfig
+    task: TaskConfig
+    tokenizer: TokenizerConfig
+    replay: ReplayConfig
+    replay_namespace: str
+    """The run's name in the replay (Redis key prefix suffix)."""
+    dtype: DType
+    """model.dtype: the engine's weights."""
+    sync: bool
+    """learner.sync: generate one batch per weight version, in turns with the learner."""
+    batch_groups: int
+    """Fresh groups in one learner batch (RunConfig.batch_plan): in sync mode the actors fill it together."""
+    need_base_logprobs: bool
+    """The objective needs the frozen base model's per-token log-probs of every response."""
+
+
+class LearnerSpec(Section):
+    """What the learner is built from: its own section, the objective it optimises, the replay it samples, and the
+    facts from other sections that the launcher resolves once (`RunConfig.learner_spec`)."""
+
+    learner: LearnerConfig
+    objective: ObjectiveConfig
+    replay: ReplayConfig
+    replay_namespace: str
+    seed: int
+    engine_dtype: DType
+    """model.dtype: what the rollout engines hold, so the published weights are cast to it."""
+    main_groups: int
+    """Whole groups from the main table per batch (RunConfig.batch_plan)."""
+    success_responses: int
+    """Single responses from the success buffer per batch (RunConfig.batch_plan)."""
+    torch_threads: int
+    """cluster.learner_resources.num_cpus, rounded up."""
+
+
 # --------------------------------------------------------------------------------------------------- run
 class RunConfig(Section):
     """One experiment. Load it with `configs.load.load_config(path, overrides)`."""
@@ -564,9 +612,32 @@ class RunConfig(Section):
         slots = round(buffer.share * groups) if buffer is not None else 0
         return groups - slots, slots * self.rollout.sampling.num_samples
 
-    def to_worker_json(self) -> str:
-        """The config for the run's own processes (Ray actors): JSON, with secrets included."""
-        return self.model_dump_json(context={"reveal_secrets": True})
+    def learner_spec(self) -> LearnerSpec:
+        main, success = self.batch_plan
+        return LearnerSpec(
+            learner=self.learner,
+            objective=self.objective,
+            replay=self.replay,
+            replay_namespace=self.replay_namespace,
+            seed=self.seed,
+            engine_dtype=self.model.dtype,
+            main_groups=main,
+            success_responses=success,
+            torch_threads=max(1, math.ceil(self.cluster.learner_resources.num_cpus)),
+        )
+
+    def rollout_worker_spec(self) -> RolloutWorkerSpec:
+        return RolloutWorkerSpec(
+            rollout=self.rollout,
+            task=self.task,
+            tokenizer=self.tokenizer,
+            replay=self.replay,
+            replay_namespace=self.replay_namespace,
+            dtype=self.model.dtype,
+            sync=self.learner.sync,
+            batch_groups=self.batch_plan[0],
+            need_base_logprobs=self.rollouts_need_base_logprobs,
+        )
 
     name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     """Run name; used for the output folder and the Redis key prefix."""

@@ -49,11 +49,15 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
 
 
 def _single_process_env() -> None:
-    """A one-process world when no launcher set one up (a Ray actor, a test, a laptop run)."""
-    if "MASTER_PORT" not in os.environ:
+    """A one-process world when no launcher set one up (a Ray actor, a test, a laptop run). A port this function
+    chose in another process (inherited by a child, e.g. a Ray worker started after a learner in the same
+    process) is in use there: choose again. A launcher's MASTER_PORT (torchrun, deepspeed) is kept."""
+    chosen_by = os.environ.get("PACEFLOW_MASTER_PORT_PID")
+    if "MASTER_PORT" not in os.environ or (chosen_by is not None and chosen_by != str(os.getpid())):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["PACEFLOW_MASTER_PORT_PID"] = str(os.getpid())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(name, value)

@@ -73,11 +73,6 @@ def _takes_logits_to_keep(model_type: type) -> bool:
     return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
 
 
-def sequence_logprobs(model: Any, input_ids_BT: Tensor, attention_mask_BT: Tensor, response_mask_BT: Tensor) -> Tensor:
-    """Sum over response tokens: log pi(y | x) for every row, float32."""
-    return token_logprobs(model, input_ids_BT, attention_mask_BT, response_mask_BT)[0].sum(-1)
-
-
 @torch.no_grad()
 def response_logprobs(model: Any, prompt: list[int], response: list[int]) -> list[float]:
     """Teacher-forced log-probs of one response after one prompt (eval mode, no grad): the weight-sync probe."""

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from configs.schema import PacedObjectiveConfig, PowerFlowObjectiveConfig, RunConfig, TBObjectiveConfig
+from configs.dtypes import torch_dtype
+from configs.schema import LearnerSpec, PacedObjectiveConfig, PowerFlowObjectiveConfig, TBObjectiveConfig
 from learner.batching import TrainBatch, collate, micro_batches
 from learner.calibration import GroupOutcome, calibration_metrics, informative_counts
 from learner.checkpoint import load_state, save_state
@@ -33,13 +34,13 @@ from learner.log_partition import LogZHead, ZPhi, accuracy_estimate
 from learner.logprobs import token_logprobs
 from learner.objectives import ObjectiveInputs, compute_objective, tb_log_reward
 from learner.weights import publish_weights
+from replay.handshake import wait_for_batch
 from replay.priority import estimate_error
 from replay.records import SampledBatch
 from replay.store import ReplayStore
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # PACED-RL embeds the training prompts once with the frozen reference model: this many before the first step
 # (their statistics standardise Z_phi's inputs), the rest this many per step, so a large dataset costs no
 # long pause at start (SmolLM2-135M embeds ~2,000 prompt tokens/s on 2 CPU cores).
@@ -85,7 +86,7 @@ class Learner:
 
     def __init__(
         self,
-        cfg: RunConfig,
+        cfg: LearnerSpec,
         model_dir: Path,
         store: ReplayStore,
         *,
@@ -100,7 +101,7 @@ class Learner:
         torch.manual_seed(cfg.seed)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[cfg.learner.dtype])
+        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.learner.dtype))
         self.log_z = self._build_log_z(policy.config.hidden_size)
         self.reference = None
         self._normalised = False
@@ -108,7 +109,7 @@ class Learner:
         self.train_prompts: dict[str, list[int]] = {}
         if isinstance(cfg.objective, PacedObjectiveConfig):  # Z_phi reads frozen reference prompt embeddings
             # The base model without its LM head: the last hidden states are all Z_phi needs.
-            self.reference = AutoModel.from_pretrained(model_dir, dtype=_DTYPES[cfg.learner.dtype]).eval()
+            self.reference = AutoModel.from_pretrained(model_dir, dtype=torch_dtype(cfg.learner.dtype)).eval()
             self.reference.requires_grad_(False)
             self.train_prompts = {pid: list(ids) for pid, ids in (prompts or {}).items()}
             if self.train_prompts:
@@ -143,7 +144,7 @@ class Learner:
     def step(self, *, wait_timeout_s: float = 600.0) -> StepResult | None:
         """One optimizer step; None when the replay had no usable batch within `wait_timeout_s`."""
         start = time.perf_counter()
-        batch = self._next_batch(start + wait_timeout_s)
+        batch = self._next_batch(time.monotonic() + wait_timeout_s)
         if batch is None:
             return None
         wait_s = time.perf_counter() - start
@@ -190,7 +191,7 @@ class Learner:
     def _next_batch(self, deadline: float) -> TrainBatch | None:
         """Sample until a batch with at least one usable row arrives (a batch whose every reward is invalid is
         dropped and drawn again), or the deadline passes."""
-        main, success = self.cfg.batch_plan
+        main, success = self.cfg.main_groups, self.cfg.success_responses
         seed = self.cfg.seed * 100_003 + self.step_count
         while True:
             sampled = self._sample(main, success, seed, deadline)
@@ -208,16 +209,13 @@ class Learner:
             seed += 1
 
     def _sample(self, main: int, success: int, seed: int, deadline: float) -> SampledBatch | None:
-        if self.cfg.learner.sync:  # one batch per version: wait until the actors delivered this version's groups
-            while self.store.stats().fresh < main:
-                if time.perf_counter() > deadline:
-                    return None
-                time.sleep(0.02)
+        if self.cfg.learner.sync and not wait_for_batch(self.store, num_groups=main, deadline=deadline):
+            return None
         while True:
             sampled = self.store.sample(main, num_success=success, seed=seed)
             if sampled.groups:
                 return sampled
-            if time.perf_counter() > deadline:
+            if time.monotonic() > deadline:
                 return None
             time.sleep(0.05)
 
@@ -371,7 +369,7 @@ class Learner:
         it; the log Z heads are never included."""
         self.version += int(bump)
         module = self.engine.module
-        engine_dtype = _DTYPES[self.cfg.model.dtype]  # what the rollout engines hold: half the bytes for bf16
+        engine_dtype = torch_dtype(self.cfg.engine_dtype)  # what the rollout engines hold: half the bytes for bf16
         state = {
             k: v.to(engine_dtype) if v.is_floating_point() else v for k, v in self.engine.full_state_dict().items()
         }
@@ -382,7 +380,7 @@ class Learner:
             version=self.version,
             step=self.step_count,
             probe=self._probe or ([self.pad_id], [self.pad_id]),
-            engine_dtype=self.cfg.model.dtype,
+            engine_dtype=self.cfg.engine_dtype,
         )
         self.store.announce_weights(weights)
 

@@ -28,6 +28,7 @@ from replay.records import (
 )
 from replay.store import (
     STAT_FIELDS,
+    Draw,
     ReplayStats,
     check_add_arguments,
     decode_draw,
@@ -65,7 +66,11 @@ class MemoryStore:
         self.success = MemoryStore(success_table_config(self.cfg)) if self.cfg.success_buffer is not None else None
 
     # ----------------------------------------------------------------------------------------- writing
-    def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float]) -> list[str]:
+    def add(
+        self, groups: Sequence[RolloutGroup], priorities: Sequence[float], *, payloads: Sequence[bytes] | None = None
+    ) -> list[str]:
+        """`payloads`: the groups' encodings when the caller already has them (the Ray-hosted store receives
+        bytes and decodes them only to validate): stored as they are, never encoded twice."""
         check_add_arguments(len(groups), priorities)
         with self._lock:
             for group in groups:
@@ -73,21 +78,24 @@ class MemoryStore:
                     self._prompt_correct.get(group.prompt_id, 0.0) + group.num_correct
                 )
                 self._prompt_total[group.prompt_id] = self._prompt_total.get(group.prompt_id, 0) + group.size
-        keys = self._add_rows(list(zip(groups, priorities, strict=True)))
+        encoded = list(payloads) if payloads is not None else [None] * len(groups)
+        keys = self._add_rows(list(zip(groups, priorities, encoded, strict=True)))
         if self.success is not None and self.cfg.success_buffer is not None:
-            self.success._add_rows(success_inserts(groups, priorities, self.cfg.success_buffer.insert_top_k))
+            inserts = success_inserts(groups, priorities, self.cfg.success_buffer.insert_top_k)
+            self.success._add_rows([(group, priority, None) for group, priority in inserts])
         return keys
 
-    def _add_rows(self, rows: Sequence[tuple[RolloutGroup, float]]) -> list[str]:
+    def _add_rows(self, rows: Sequence[tuple[RolloutGroup, float, bytes | None]]) -> list[str]:
         """Insert groups not seen before, then evict over capacity; returns the keys inserted and still present."""
         with self._lock:
             keys = []
-            for group, priority in rows:
+            for group, priority, payload in rows:
                 if group.group_id in self._seen:
                     self._counts["duplicates"] += 1
                     continue
                 self._remember(group.group_id)
-                self._insert(group.group_id, encode_group(group), float(priority), group.policy_version)
+                payload = payload if payload is not None else encode_group(group)
+                self._insert(group.group_id, payload, float(priority), group.policy_version)
                 keys.append(group.group_id)
             self._counts["inserted"] += len(keys)
             self._evict_over_capacity()
@@ -185,25 +193,22 @@ class MemoryStore:
 
     # ----------------------------------------------------------------------------------------- reading
     def sample(self, num_groups: int, *, num_success: int = 0, seed: int | None = None) -> SampledBatch:
-        batch = decode_draw(*self.draw(num_groups, seed=seed), quarantine=self.quarantine_key)
+        batch = decode_draw(self.draw(num_groups, seed=seed), quarantine=self.quarantine_key)
         if num_success and self.success is not None:
             success_seed = None if seed is None else seed + 1
             draw = self.success.draw(num_success, seed=success_seed)
-            batch = batch.extended(decode_draw(*draw, quarantine=self.success.quarantine_key))
+            batch = batch.extended(decode_draw(draw, quarantine=self.success.quarantine_key))
         return batch
 
-    def draw(
-        self, num_groups: int, *, seed: int | None = None
-    ) -> tuple[list[tuple[str, bytes, float]], list[float], list[int], int, int]:
-        """Pick a batch without decoding it: ((key, payload, priority) rows, probabilities, times sampled,
-        number of fresh rows, store size). `sample` decodes; `ReplayServer` ships the bytes to another process."""
+    def draw(self, num_groups: int, *, seed: int | None = None) -> Draw:
+        """Pick a batch without decoding it. `sample` decodes; `ReplayServer` ships the bytes to another process."""
         n_fresh, n_prio = split_batch(num_groups, self.cfg.fresh_fraction)
         rng = np.random.default_rng(seed)
         with self._lock:
             self._evict_stale()
             n = len(self._keys)
             if n == 0:
-                return [], [], [], 0, 0
+                return Draw.empty()
             unsampled = np.nonzero(self._times_sampled[:n] == 0)[0]
             fresh_rows = unsampled[np.argsort(-self._seq[unsampled], kind="stable")][:n_fresh].tolist()
             n_prio += n_fresh - len(fresh_rows)  # not enough fresh groups: draw the rest by priority
@@ -212,12 +217,19 @@ class MemoryStore:
             prio_rows = rng.choice(n, size=n_prio, p=weights / total).tolist() if n_prio else []
             rows = fresh_rows + prio_rows
             probabilities = [1.0] * len(fresh_rows) + [float(weights[r] / total) for r in prio_rows]
-            picked = [(self._keys[r], self._payloads[self._keys[r]], float(self._priority[r])) for r in rows]
+            keys = [self._keys[r] for r in rows]
             for r in rows:
                 self._times_sampled[r] += 1
-            times = [int(self._times_sampled[r]) for r in rows]
             self._counts["sampled"] += len(rows)
-        return picked, probabilities, times, len(fresh_rows), n
+            return Draw(
+                keys=keys,
+                payloads=[self._payloads[k] for k in keys],
+                priorities=[float(self._priority[r]) for r in rows],
+                probabilities=probabilities,
+                times_sampled=[int(self._times_sampled[r]) for r in rows],
+                num_fresh=len(fresh_rows),
+                size=n,
+            )
 
     def quarantine_key(self, key: str) -> None:
         """Move a payload that failed to decode out of the store, keeping it for inspection."""

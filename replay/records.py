@@ -59,8 +59,6 @@ class RolloutGroup:
     created_at: float
     finish_reasons: list[str]
     parsed_answers: list[str | None]
-    log_rewards: np.ndarray | None = None
-    """float32 (G,): log R(x, y) when the actor computed it."""
     base_logprobs: list[np.ndarray] | None = None
     """G float32 arrays: per-token log-probs under the frozen base model (PowerFlow's target)."""
     selection: str = "uniform"
@@ -78,7 +76,6 @@ class RolloutGroup:
         actor_id: str,
         finish_reasons: Sequence[str] | None = None,
         parsed_answers: Sequence[str | None] | None = None,
-        log_rewards: Sequence[float] | None = None,
         base_logprobs: Sequence[Sequence[float]] | None = None,
         group_id: str | None = None,
         selection: str = "uniform",
@@ -97,7 +94,6 @@ class RolloutGroup:
             created_at=time.time(),
             finish_reasons=list(finish_reasons) if finish_reasons is not None else ["stop"] * n,
             parsed_answers=list(parsed_answers) if parsed_answers is not None else [None] * n,
-            log_rewards=np.asarray(log_rewards, dtype=np.float32) if log_rewards is not None else None,
             base_logprobs=[np.asarray(b, dtype=np.float32) for b in base_logprobs] if base_logprobs else None,
             selection=selection,
         )
@@ -134,7 +130,6 @@ class RolloutGroup:
             created_at=self.created_at,
             finish_reasons=[self.finish_reasons[i] for i in idx],
             parsed_answers=[self.parsed_answers[i] for i in idx],
-            log_rewards=self.log_rewards[idx] if self.log_rewards is not None else None,
             base_logprobs=[self.base_logprobs[i] for i in idx] if self.base_logprobs is not None else None,
             selection=self.selection,
         )
@@ -274,7 +269,6 @@ def encode_group(group: RolloutGroup) -> bytes:
         "t": float(group.created_at),
         "fin": list(group.finish_reasons),
         "ans": list(group.parsed_answers),
-        "lrew": group.log_rewards.astype("<f4").tobytes() if group.log_rewards is not None else None,
         "base": _concat(group.base_logprobs, "<f4") if group.base_logprobs is not None else None,
         "sel": group.selection,
     }
@@ -315,7 +309,6 @@ def decode_group(data: bytes) -> RolloutGroup:
         created_at=_float(raw, "t"),
         finish_reasons=_str_list(raw, "fin", g),
         parsed_answers=_str_list(raw, "ans", g, optional_items=True),
-        log_rewards=_array(raw, "lrew", "<f4", expect=g) if raw.get("lrew") is not None else None,
         base_logprobs=_split(base, bounds) if base is not None else None,
         selection=_str(raw, "sel") if "sel" in raw else "uniform",  # records written before the field existed
     )
@@ -358,8 +351,6 @@ def validate_group(group: RolloutGroup) -> None:
     ):
         if n != g:
             raise RecordError(name, f"{n} values for {g} responses")
-    if group.log_rewards is not None and len(group.log_rewards) != g:
-        raise RecordError("log_rewards", f"{len(group.log_rewards)} values for {g} responses")
     bounds = [0, *itertools.accumulate(len(r) for r in group.response_token_ids)]
     _check_logprobs("behaviour_logprobs", np.concatenate(group.behaviour_logprobs), bounds)
     _validate_values(group)

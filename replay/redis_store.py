@@ -43,6 +43,7 @@ from replay.records import (
 )
 from replay.store import (
     STAT_FIELDS,
+    Draw,
     ReplayStats,
     check_add_arguments,
     decode_draw,
@@ -357,14 +358,17 @@ class RedisStore:
         flat = self._sample(keys=[self.prefix], args=[n_fresh, n_prio, seed, self.cfg.max_policy_lag])
         rows = [flat[i : i + 5] for i in range(0, len(flat), 5)]
         payloads = self.client.mget([self._k(f"g:{row[0].decode()}") for row in rows]) if rows else []
-        picked = [(row[0].decode(), payload, float(row[1])) for row, payload in zip(rows, payloads, strict=True)]
+        draw = Draw(
+            keys=[row[0].decode() for row in rows],
+            payloads=list(payloads),
+            priorities=[float(row[1]) for row in rows],
+            probabilities=[float(row[2]) for row in rows],
+            times_sampled=[int(row[3]) for row in rows],
+            num_fresh=sum(int(row[4]) for row in rows),  # fresh rows come first
+            size=len(self),
+        )
         return decode_draw(
-            picked,
-            [float(row[2]) for row in rows],
-            [int(row[3]) for row in rows],
-            sum(int(row[4]) for row in rows),  # fresh rows come first
-            len(self),
-            quarantine=lambda key: self._quarantine(keys=[self.prefix], args=[key, QUARANTINE_MAX]),
+            draw, quarantine=lambda key: self._quarantine(keys=[self.prefix], args=[key, QUARANTINE_MAX])
         )
 
     def update_priorities(self, keys: Sequence[str], priorities: Sequence[float]) -> None:

@@ -28,7 +28,7 @@ from replay.records import (
     encode_group,
     encode_weight_version,
 )
-from replay.store import ReplayStats, check_add_arguments, decode_draw
+from replay.store import Draw, ReplayStats, check_add_arguments, decode_draw
 
 
 class ReplayServer:
@@ -43,26 +43,26 @@ class ReplayServer:
         self.store.save(Path(path))
 
     def add(self, payloads: list[bytes], priorities: list[float]) -> list[str]:
-        groups, kept_priorities = [], []
+        groups, kept_priorities, kept_payloads = [], [], []
         for payload, priority in zip(payloads, priorities, strict=True):
             try:
-                groups.append(decode_group(payload))
+                groups.append(decode_group(payload))  # validated here, stored as received
             except RecordError:  # a writer sent garbage: count it, keep serving everyone else
                 self.rejected += 1
                 continue
             kept_priorities.append(priority)
-        return self.store.add(groups, kept_priorities)
+            kept_payloads.append(payload)
+        return self.store.add(groups, kept_priorities, payloads=kept_payloads)
 
     def add_encoded(self, key: str, payload: bytes, priority: float, policy_version: int) -> None:
         self.store.add_encoded(key, payload, priority, policy_version)
 
-    def draw(self, num_groups: int, seed: int | None, num_success: int = 0) -> tuple[Any, Any]:
-        """(main table draw, success buffer draw or None), still encoded (see `MemoryStore.draw`)."""
-        success = self.store.success
-        replayed = None
-        if num_success and success is not None:
-            replayed = success.draw(num_success, seed=None if seed is None else seed + 1)
-        return self.store.draw(num_groups, seed=seed), replayed
+    def draw(self, num_groups: int, seed: int | None, num_success: int = 0) -> list[dict[str, Any]]:
+        """The main table's draw, then the success buffer's if asked for, still encoded (`Draw.to_wire`)."""
+        draws = [self.store.draw(num_groups, seed=seed)]
+        if num_success and self.store.success is not None:
+            draws.append(self.store.success.draw(num_success, seed=None if seed is None else seed + 1))
+        return [d.to_wire() for d in draws]
 
     def quarantine_key(self, key: str, success: bool = False) -> None:
         table = self.store.success if success else self.store
@@ -135,13 +135,12 @@ class RemoteStore:
     def sample(self, num_groups: int, *, num_success: int = 0, seed: int | None = None) -> SampledBatch:
         if num_groups < 1:
             raise ValueError(f"sample: num_groups must be >= 1, got {num_groups}")
-        main, replayed = ray.get(self.handle.draw.remote(num_groups, seed, num_success))
-        batch = decode_draw(*main, quarantine=lambda key: ray.get(self.handle.quarantine_key.remote(key)))
-        if replayed is not None:
-            success = decode_draw(
-                *replayed, quarantine=lambda key: ray.get(self.handle.quarantine_key.remote(key, True))
+        main, *replayed = [Draw.from_wire(d) for d in ray.get(self.handle.draw.remote(num_groups, seed, num_success))]
+        batch = decode_draw(main, quarantine=lambda key: ray.get(self.handle.quarantine_key.remote(key)))
+        for success in replayed:
+            batch = batch.extended(
+                decode_draw(success, quarantine=lambda key: ray.get(self.handle.quarantine_key.remote(key, True)))
             )
-            batch = batch.extended(success)
         return batch
 
     def update_priorities(self, keys: Sequence[str], priorities: Sequence[float]) -> None:

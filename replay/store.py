@@ -26,8 +26,8 @@ suite runs against both):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -149,19 +149,49 @@ def split_batch(num_groups: int, fresh_fraction: float) -> tuple[int, int]:
     return fresh, num_groups - fresh
 
 
-def decode_draw(
-    picked: Sequence[tuple[str, bytes | None, float]],
-    probabilities: Sequence[float],
-    times_sampled: Sequence[int],
-    num_fresh: int,
-    size: int,
-    quarantine: Callable[[str], None],
-) -> SampledBatch:
+@dataclass(frozen=True)
+class Draw:
+    """Rows picked from one table, still encoded: what a backend hands to `decode_draw`, and what the Ray-hosted
+    store ships to another process (`to_wire`: a dict of plain lists, bytes, strings and numbers)."""
+
+    keys: list[str]
+    payloads: list[bytes | None]
+    """None: the group was evicted between the pick and the read."""
+    priorities: list[float]
+    probabilities: list[float]
+    """1.0 for fresh rows; the sampling probability for prioritised rows."""
+    times_sampled: list[int]
+    num_fresh: int
+    """The first `num_fresh` rows are fresh (never sampled before this draw)."""
+    size: int
+    """Rows in the table when it was drawn from."""
+
+    @staticmethod
+    def empty() -> Draw:
+        return Draw([], [], [], [], [], 0, 0)
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_wire(raw: dict[str, Any]) -> Draw:
+        return Draw(
+            keys=[str(k) for k in raw["keys"]],
+            payloads=[p if p is None else bytes(p) for p in raw["payloads"]],
+            priorities=[float(p) for p in raw["priorities"]],
+            probabilities=[float(p) for p in raw["probabilities"]],
+            times_sampled=[int(t) for t in raw["times_sampled"]],
+            num_fresh=int(raw["num_fresh"]),
+            size=int(raw["size"]),
+        )
+
+
+def decode_draw(draw: Draw, quarantine: Callable[[str], None]) -> SampledBatch:
     """Turn drawn payloads into a batch: the first `num_fresh` rows are fresh; a payload that fails to decode
     is handed to `quarantine` and skipped; a payload that vanished (None: evicted meanwhile) is skipped."""
     batch = SampledBatch([], [], [], [], [], [], [])
     kept: list[float] = []
-    for i, (key, payload, priority) in enumerate(picked):
+    for i, (key, payload, priority) in enumerate(zip(draw.keys, draw.payloads, draw.priorities, strict=True)):
         if payload is None:
             continue
         try:
@@ -173,11 +203,11 @@ def decode_draw(
         batch.groups.append(group)
         batch.keys.append(key)
         batch.priorities.append(priority)
-        kept.append(probabilities[i])
-        batch.fresh.append(i < num_fresh)
-        batch.times_sampled.append(times_sampled[i])
+        kept.append(draw.probabilities[i])
+        batch.fresh.append(i < draw.num_fresh)
+        batch.times_sampled.append(draw.times_sampled[i])
     batch.probabilities = kept
-    batch.is_weights = importance_weights(kept, size)
+    batch.is_weights = importance_weights(kept, draw.size)
     batch.success = [False] * len(batch.groups)
     return batch
 

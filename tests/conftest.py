@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from actors.tasks import default_gsm8k_dir
 from cluster.models import resolve_model_dir
 from configs.schema import SmolLM2ModelConfig, TinyModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CACHE = REPO / ".cache" / "models"
-SHARED = REPO.parent / "shared"
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +30,9 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def gsm8k_dir() -> Path:
-    path = SHARED / "data" / "gsm8k"
-    assert (path / "train.jsonl").is_file(), f"GSM8K must be in {path} (shared/ beside the repository)"
+    """The GSM8K copy shipped with paceflow (actors/data/gsm8k), what `task.data_dir` unset resolves to."""
+    path = default_gsm8k_dir()
+    assert (path / "train.jsonl").is_file(), f"GSM8K ships with paceflow in {path}, but train.jsonl is missing"
     return path
 
 

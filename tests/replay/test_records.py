@@ -22,7 +22,6 @@ def make_group(**overrides: object) -> RolloutGroup:
         "actor_id": "rollout-1",
         "finish_reasons": ["stop", "stop", "abort"],
         "parsed_answers": ["12", None, None],
-        "log_rewards": [0.5, -1.0, 0.0],
         "base_logprobs": [[-0.7, -0.2, -0.1], [-1.5, -0.3], []],
     }
     fields.update(overrides)
@@ -44,9 +43,9 @@ def test_round_trip_is_lossless() -> None:
 
 
 def test_optional_fields_may_be_absent() -> None:
-    group = make_group(log_rewards=None, base_logprobs=None)
+    group = make_group(base_logprobs=None)
     back = decode_group(encode_group(group))
-    assert back.log_rewards is None and back.base_logprobs is None
+    assert back.base_logprobs is None
 
 
 def test_record_size_of_a_realistic_group_is_compact() -> None:
