@@ -115,17 +115,18 @@ class PromptScheduler:
         with self._lock:
             return dict(self.leases)
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> dict[str, Any]:
         """JSON-able position of the scheduler (random state and epoch order), for checkpoints."""
         with self._lock:
             version, internal, gauss = self.rng.getstate()
             return {"rng": [version, list(internal), gauss], "order": list(self._order)}
 
-    def restore(self, state: dict[str, object]) -> None:
-        version, internal, gauss = state["rng"]  # type: ignore[misc]
+    def restore(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
         with self._lock:
             self.rng.setstate((version, tuple(internal), gauss))
-            self._order = [p for p in state["order"] if p in set(self.prompt_ids)]  # type: ignore[attr-defined]
+            known = set(self.prompt_ids)
+            self._order = [p for p in state["order"] if p in known]
 
 
 class SchedulerServer:
@@ -168,10 +169,10 @@ class SchedulerServer:
     def leased(self) -> dict[str, str]:
         return self.scheduler.leased()
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> dict[str, Any]:
         return self.scheduler.state()
 
-    def restore(self, state: dict[str, object]) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
         self.scheduler.restore(state)
 
 

@@ -19,13 +19,14 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import run_per_model
+from bench._common import run_per_model
 
 
-def best_of(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def best_of(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import MODEL_CACHE
+from bench._common import MODEL_CACHE
 
 
 def run(actors: int, steps: int, out: Path) -> dict:

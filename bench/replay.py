@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import machine
-
+from bench._common import machine
 from cluster.services import start_redis
 from configs.schema import MemoryReplayConfig, RedisReplayConfig
 from replay.memory_store import MemoryStore

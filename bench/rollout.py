@@ -18,15 +18,20 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import run_per_model
+from bench._common import run_per_model
+
+if TYPE_CHECKING:
+    from configs.schema import SamplingConfig
 
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout for the JSON result
 
 
-def timed(fn, repeats: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+def timed(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
     """(best seconds, tokens) over `repeats` calls after one warm-up."""
     fn()
     best, tokens = float("inf"), 0
@@ -89,7 +94,9 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
     return row
 
 
-def bench_hf(model_dir: Path, prompts: list[list[int]], sampling: object, args: argparse.Namespace) -> tuple:
+def bench_hf(
+    model_dir: Path, prompts: list[list[int]], sampling: SamplingConfig, args: argparse.Namespace
+) -> tuple[float, float, Path]:
     """(tokens/s, weight update seconds, a weights directory in shared memory for the vLLM updates)."""
     from actors.engines.hf_engine import HFEngine
 

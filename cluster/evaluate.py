@@ -237,7 +237,7 @@ class Evaluator:
         else:
             engine_cfg = HFEngineConfig()
         self.engine = build_engine(engine_cfg, Path(model_dir), dtype=self.cfg.model.dtype, seed=self.cfg.seed + 7)
-        self.tokenizer = self.engine.tokenizer  # type: ignore[attr-defined]
+        self.tokenizer = self.engine.tokenizer
         self.model_dir = model_dir
         self.loaded = model_dir
 

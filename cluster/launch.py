@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -197,7 +197,7 @@ class RunRecorder:
         self.cfg = cfg
         self.store = store
         mode = "a" if resumed else "w"
-        self._files: dict[str, TextIO] = {
+        self._files: dict[str, IO[str]] = {
             name: (run_dir / f"{name}.jsonl").open(mode) for name in ("metrics", "calibration", "evals")
         }
         self.steps: list[dict[str, Any]] = []

@@ -127,7 +127,7 @@ def build_tiny_model(cfg: TinyModelConfig, out_dir: Path) -> Path:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(cfg.init_seed)
     model = LlamaForCausalLM(config)
@@ -160,8 +160,8 @@ def _convert_smollm2(out_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader marks the model as quantized; it is plain float32 after de-quantisation, and
     # save_pretrained refuses quantized models.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -77,7 +77,8 @@ class PolicyEngine:
         )
 
     @property
-    def module(self) -> nn.Module:
+    def module(self) -> Any:
+        """The wrapped Hugging Face model (a PreTrainedModel: save_pretrained, config, ...)."""
         return self.engine.module
 
     def backward(self, loss: Tensor, *, last: bool) -> None:

@@ -25,6 +25,9 @@ class LogZHead(nn.Module):
 
     def __init__(self, hidden_size: int, *, offset: float = 0.0, clamp: float = 20.0) -> None:
         super().__init__()
+        last = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(last.weight)  # start at log Z = -offset for every prompt
+        nn.init.zeros_(last.bias)
         self.mlp = nn.Sequential(
             nn.Linear(hidden_size, hidden_size),
             nn.GELU(),
@@ -32,10 +35,8 @@ class LogZHead(nn.Module):
             nn.Linear(hidden_size, hidden_size),
             nn.GELU(),
             nn.LayerNorm(hidden_size),
-            nn.Linear(hidden_size, 1),
+            last,
         )
-        nn.init.zeros_(self.mlp[-1].weight)  # start at log Z = -offset for every prompt
-        nn.init.zeros_(self.mlp[-1].bias)
         self.offset = offset
         self.clamp = clamp
 
@@ -64,13 +65,16 @@ class ZPhi(nn.Module):
     The last layer starts at zero: a(x) = offset (0 before the first step) for every prompt.
     """
 
+    mean: Tensor
+    scale: Tensor
+    offset: Tensor
+
     def __init__(self, embed_dim: int, hidden: int = 256, *, beta: float = 0.05, clamp: float = 20.0) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1)
-        )
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        last = nn.Linear(hidden, 1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), last)
         self.register_buffer("mean", torch.zeros(embed_dim))
         self.register_buffer("scale", torch.ones(embed_dim))
         self.register_buffer("offset", torch.zeros(()))

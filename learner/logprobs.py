@@ -40,7 +40,7 @@ def token_logprobs(
     starts = response_mask_BT.bool().float().argmax(-1)[response_mask_BT.bool().any(-1)]
     first = int(starts.min()) if len(starts) else T - 1
     keep = T - first + 1  # positions first-1 .. T-1
-    if _takes_logits_to_keep(type(model)):
+    if _takes_logits_to_keep(type(model)):  # type: ignore[arg-type]  # classes are hashable
         out = model(
             input_ids=input_ids_BT,
             attention_mask=attention_mask_BT,

@@ -11,7 +11,7 @@ The equations, and every choice made where the papers are silent, are in docs/ob
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,7 +139,7 @@ def powerflow_loss(inp: ObjectiveInputs, cfg: PowerFlowObjectiveConfig) -> Objec
         "is_weight_max": weight_B.max().item(),
         "masked_token_frac": 1.0 - (keep_BT.sum() / mask_BT.sum().clamp_min(1.0)).item(),
     }
-    return _finish(weight_B * delta_B.square(), delta_B, inp, log_z=log_z_B, **extra)
+    return _finish(weight_B * delta_B.square(), delta_B, inp, log_z=log_z_B, extra=extra)
 
 
 def powerflow_keep_and_weight(
@@ -182,7 +182,7 @@ def grpo_loss(inp: ObjectiveInputs, cfg: GRPOObjectiveConfig) -> ObjectiveOutput
     clipped = ((ratio_BT - clipped_BT).abs() > 0).to(mask_BT.dtype)
     extra["clip_frac"] = ((clipped * mask_BT).sum() / mask_BT.sum().clamp_min(1.0)).item()
     extra["adv_abs_mean"] = adv_B.abs().mean().item()
-    return _finish(masked_mean(per_token_BT, mask_BT), adv_B, inp, **extra)
+    return _finish(masked_mean(per_token_BT, mask_BT), adv_B, inp, extra=extra)
 
 
 def group_advantages(reward_B: Tensor, group_B: Tensor, *, normalize_std: bool, eps: float = 1e-6) -> Tensor:
@@ -225,7 +225,11 @@ def _need(value: Tensor | None, name: str, objective: str) -> Tensor:
 
 
 def _finish(
-    per_sample_B: Tensor, delta_B: Tensor, inp: ObjectiveInputs, log_z: Tensor | None = None, **extra: float
+    per_sample_B: Tensor,
+    delta_B: Tensor,
+    inp: ObjectiveInputs,
+    log_z: Tensor | None = None,
+    extra: Mapping[str, float] | None = None,
 ) -> ObjectiveOutput:
     bad = (~torch.isfinite(per_sample_B.detach())).nonzero().flatten().tolist()
     if bad:
@@ -240,7 +244,7 @@ def _finish(
         "delta_mean": delta_B.detach().mean().item(),
         "delta_abs_mean": delta_B.detach().abs().mean().item(),
         "response_len_mean": lengths_B.mean().item(),
-        **extra,
+        **(extra or {}),
     }
     if log_z is not None:
         metrics["log_z_mean"] = log_z.detach().mean().item()

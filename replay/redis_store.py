@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -253,17 +254,22 @@ def connect(cfg: RedisReplayConfig) -> redis.Redis:
         if not path.is_file():
             raise ValueError(f"replay.password_file: {str(path)!r} does not exist")
         password = (path.read_text().splitlines() or [""])[0].strip()
-    common = {
-        "host": cfg.host,
-        "port": cfg.port,
-        "db": cfg.db,
-        "password": password,
-        "ssl": cfg.tls,
-        "ssl_ca_certs": str(cfg.tls_ca_file) if cfg.tls_ca_file else None,
-        "socket_timeout": 30,
-        "socket_connect_timeout": 5,
-    }
-    probe = redis.Redis(**common, retry=Retry(ExponentialBackoff(), retries=0))
+
+    def client(retry: Retry, retry_on_error: list[type[Exception]] | None = None) -> redis.Redis:
+        return redis.Redis(
+            host=cfg.host,
+            port=cfg.port,
+            db=cfg.db,
+            password=password,
+            ssl=cfg.tls,
+            ssl_ca_certs=str(cfg.tls_ca_file) if cfg.tls_ca_file else None,
+            socket_timeout=30,
+            socket_connect_timeout=5,
+            retry=retry,
+            retry_on_error=retry_on_error,
+        )
+
+    probe = client(Retry(ExponentialBackoff(), retries=0))
     try:
         probe.ping()
     except redis.AuthenticationError as exc:
@@ -274,10 +280,8 @@ def connect(cfg: RedisReplayConfig) -> redis.Redis:
         ) from None
     finally:
         probe.close()
-    return redis.Redis(
-        **common,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    return client(
+        Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20), [redis.ConnectionError, redis.TimeoutError]
     )
 
 
@@ -360,7 +364,7 @@ class RedisStore:
         payloads = self.client.mget([self._k(f"g:{row[0].decode()}") for row in rows]) if rows else []
         draw = Draw(
             keys=[row[0].decode() for row in rows],
-            payloads=list(payloads),
+            payloads=cast(list[bytes | None], payloads),  # the client returns bytes (no decode_responses)
             priorities=[float(row[1]) for row in rows],
             probabilities=[float(row[2]) for row in rows],
             times_sampled=[int(row[3]) for row in rows],
@@ -391,7 +395,7 @@ class RedisStore:
 
     def latest_weights(self) -> WeightVersion | None:
         encoded = self.client.get(self._k("weights"))
-        return decode_weight_version(encoded) if encoded is not None else None
+        return decode_weight_version(cast(bytes, encoded)) if encoded is not None else None
 
     def put_acc_estimates(self, estimates: Mapping[str, float]) -> None:
         if estimates:
@@ -434,10 +438,10 @@ class RedisStore:
         )
 
     def keys(self) -> list[str]:
-        return [k.decode() for k in self.client.zrange(self._k("order"), 0, -1)]
+        return [k.decode() for k in cast(list[bytes], self.client.zrange(self._k("order"), 0, -1))]
 
     def quarantined(self) -> list[bytes]:
-        return list(self.client.lrange(self._k("quarantine"), 0, -1))
+        return cast(list[bytes], self.client.lrange(self._k("quarantine"), 0, -1))
 
     def clear(self) -> None:
         """Delete every key of this run (the tests' clean slate; never called by training)."""

@@ -9,6 +9,7 @@ New weights are loaded in place from a safetensors directory.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -22,7 +23,7 @@ from learner.logprobs import response_logprobs
 
 class HFEngine:
     def __init__(self, model_dir: Path, *, dtype: str = "float32", batch_size: int = 16) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).eval()

@@ -30,7 +30,7 @@ class VLLMEngine:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
         self.llm = LLM(
             model=str(model_dir),
-            dtype=dtype,
+            dtype=dtype,  # type: ignore[arg-type]  # one of configs.schema.DType, which vLLM accepts
             enforce_eager=cfg.enforce_eager,
             max_model_len=cfg.max_model_len,
             gpu_memory_utilization=utilization,
@@ -78,8 +78,10 @@ class VLLMEngine:
             SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
             use_tqdm=False,
         )
-        positions = out.prompt_logprobs[len(prompt) :]
-        return [step[token].logprob for token, step in zip(response, positions, strict=True)]
+        positions = list(out.prompt_logprobs or [])[len(prompt) :]
+        if len(positions) != len(response) or any(step is None for step in positions):  # None: the first token only
+            raise RuntimeError(f"vLLM returned no prompt log-probs for some of the {len(response)} probe tokens")
+        return [step[token].logprob for token, step in zip(response, positions, strict=True) if step is not None]
 
     def close(self) -> None:
         import gc

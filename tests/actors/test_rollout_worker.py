@@ -17,7 +17,7 @@ from actors.rollout_worker import RolloutWorker, WeightSyncError, start_rollout_
 from actors.scheduler import PromptScheduler, start_scheduler_server
 from actors.tasks import build_task
 from configs.load import load_config
-from configs.schema import RunConfig
+from configs.schema import MemoryReplayConfig, RunConfig
 from learner.logprobs import token_logprobs
 from replay.memory_store import MemoryStore
 from replay.records import WeightVersion
@@ -125,6 +125,7 @@ def test_a_sync_that_does_not_take_effect_is_an_error(tiny_model_dir: Path, tmp_
 @pytest.mark.slow
 def test_ray_actor_streams_and_resumes_after_being_killed(ray_local: Any, tiny_model_dir: Path) -> None:
     cfg = _cfg("cluster.max_actor_restarts=2", "cluster.rollout_resources.num_cpus=0.5")
+    assert isinstance(cfg.replay, MemoryReplayConfig)
     server = start_replay_server(cfg.replay)
     store = RemoteStore(server)
     scheduler = start_scheduler_server(cfg, [p.prompt_id for p in build_task(cfg.task).train], server)

@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -89,7 +90,7 @@ def test_scheduler_without_prompts_is_an_error() -> None:
         PromptScheduler([], UniformSchedulerConfig())
 
 
-def _task(verifier) -> Task:  # type: ignore[no-untyped-def]
+def _task(verifier: Any) -> Task:
     return Task(name="t", train=[Prompt("p", "q", "1")], eval=[], verifier=verifier)
 
 

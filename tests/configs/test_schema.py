@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from configs.load import ConfigError, apply_override, load_config, preset_names, to_yaml, validate_config
 from configs.schema import RunConfig, TBObjectiveConfig
@@ -179,7 +179,7 @@ def test_every_field_has_a_description() -> None:
     from configs.load import model_classes
 
     seen: set[type] = set()
-    stack = [RunConfig]
+    stack: list[type[BaseModel]] = [RunConfig]
     missing = []
     while stack:
         model = stack.pop()

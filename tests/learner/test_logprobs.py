@@ -26,7 +26,7 @@ class _FullLogits:
 
 def test_logits_for_response_positions_only_match_a_full_forward(tiny_model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    assert _takes_logits_to_keep(type(model)) and not _takes_logits_to_keep(_FullLogits)
+    assert _takes_logits_to_keep(type(model)) and not _takes_logits_to_keep(_FullLogits)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(0)
     rows = [(7, 5), (4, 9), (10, 0), (6, 3)]  # (prompt, response) lengths; one empty response
     width = max(p + r for p, r in rows)

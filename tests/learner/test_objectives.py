@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -71,6 +72,7 @@ def _train(
         logp_BT, hidden = token_logprobs(
             policy, batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT, return_hidden=True
         )
+        assert hidden is not None
         out = loss_fn(batch, logp_BT, hidden)
         opt.zero_grad()
         out.loss.backward()
@@ -157,7 +159,7 @@ def _train_towards_power(alpha: float, *, length_aware: bool) -> tuple[Tensor, T
 
     def loss(batch: Batch, logp_BT: Tensor, hidden: Tensor) -> ObjectiveOutput:
         ref_BT, _ = token_logprobs(base, batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT)
-        common = {"logp_BT": logp_BT, "mask_BT": batch.response_mask_BT, "group_B": batch.prompt_B}
+        common: dict[str, Any] = {"logp_BT": logp_BT, "mask_BT": batch.response_mask_BT, "group_B": batch.prompt_B}
         log_z_B = head(hidden, batch.prompt_mask_BT)
         if length_aware:
             inp = ObjectiveInputs(**common, old_logp_BT=logp_BT.detach(), ref_logp_BT=ref_BT, log_z_B=log_z_B)
@@ -451,6 +453,7 @@ def test_gradients_match_finite_differences(kind: str, monkeypatch: pytest.Monke
         # PowerFlow's keep-mask and IS weight are stop-gradient by definition: hold them at their values here,
         # so the finite differences measure the same function the gradient is of.
         at_start = _inputs_for(kind, policy, batch, head, old, ref)
+        assert isinstance(cfg, PowerFlowObjectiveConfig)
         frozen = powerflow_keep_and_weight(
             at_start.logp_BT, at_start.old_logp_BT, at_start.mask_BT.to(torch.float64), cfg
         )
@@ -518,7 +521,7 @@ def test_gradients_reach_only_the_policy_and_log_z(kind: str) -> None:
 def test_empty_responses_give_no_nan() -> None:
     mask_BT = torch.tensor([[0, 0, 0], [0, 1, 1]])
     logp_BT = torch.tensor([[0.0, 0.0, 0.0], [0.0, -1.0, -2.0]], requires_grad=True)
-    common = {"logp_BT": logp_BT, "mask_BT": mask_BT, "group_B": torch.tensor([0, 0])}
+    common: dict[str, Any] = {"logp_BT": logp_BT, "mask_BT": mask_BT, "group_B": torch.tensor([0, 0])}
     pf = powerflow_loss(
         ObjectiveInputs(**common, ref_logp_BT=torch.zeros(2, 3), log_z_B=torch.zeros(2)), PowerFlowObjectiveConfig()
     )

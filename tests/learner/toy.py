@@ -111,7 +111,7 @@ def make_batch(prompt_B: Tensor, response_index_B: Tensor, num_prompts: int) -> 
 
 
 @torch.no_grad()
-def exact_log_probs(model: nn.Module) -> Tensor:
+def exact_log_probs(model: ToyPolicy) -> Tensor:
     """log pi(y | x) for every prompt and every response: (P, 40), float64."""
     P = model.num_prompts
     prompts = torch.arange(P).repeat_interleave(len(RESPONSES))
@@ -121,7 +121,7 @@ def exact_log_probs(model: nn.Module) -> Tensor:
     return logp_BT.sum(-1).double().view(P, len(RESPONSES))
 
 
-def sample(model: nn.Module, prompt_B: Tensor, gen: torch.Generator) -> Batch:
+def sample(model: ToyPolicy, prompt_B: Tensor, gen: torch.Generator) -> Batch:
     """Draw one response per row from the policy's exact sequence distribution."""
     probs = exact_log_probs(model).exp()[prompt_B]
     return make_batch(prompt_B, torch.multinomial(probs.float(), 1, generator=gen).squeeze(-1), model.num_prompts)
