@@ -31,7 +31,6 @@ from actors.scoring import BaseModelScorer, RewardScorer
 from actors.tasks import Prompt, build_task, encode_prompt
 from configs.schema import RolloutWorkerSpec, RunConfig
 from replay.handshake import wait_for_turn
-from replay.priority import estimate_error
 from replay.records import RolloutGroup, WeightVersion
 from replay.store import ReplayStore, connect_store
 
@@ -119,7 +118,7 @@ class RolloutWorker:
         try:
             groups = self._rollout([(self.prompts[p], how) for p, how in leases if p in self.prompts])
             if groups:
-                self.store.add(groups, self._priorities(groups))
+                self.store.add(groups)  # priority e(x) against the store's a(x) (replay/store.py)
         finally:
             self.scheduler.release(self.actor_id, [p for p, _ in leases])
         self.counters.steps += 1
@@ -170,11 +169,6 @@ class RolloutWorker:
         if prompt.prompt_id not in self._token_cache:
             self._token_cache[prompt.prompt_id] = encode_prompt(self.tokenizer, prompt.text, self.spec.tokenizer)
         return self._token_cache[prompt.prompt_id]
-
-    def _priorities(self, groups: list[RolloutGroup]) -> list[float]:
-        """e(x) = |N_correct/G - a(x)| with the learner's latest a(x) (replay/priority.py)."""
-        stats = self.store.prompt_stats([g.prompt_id for g in groups])
-        return [estimate_error(g.rewards, s.acc_estimate) for g, s in zip(groups, stats, strict=True)]
 
     # ------------------------------------------------------------------------------------------ weights
     def sync_weights(self) -> bool:

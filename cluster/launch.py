@@ -69,14 +69,7 @@ def train(
     import ray
 
     console = console or Console()
-    checkpoint = None
-    if resume is not None:
-        checkpoint = Path(resume).expanduser() / "checkpoint"
-        if not (checkpoint / "run.json").is_file():
-            raise FileNotFoundError(f"--resume: {resume} has no checkpoint/run.json (is it a paceflow run directory?)")
-        cfg = cfg.model_copy(update={"run_id": json.loads((checkpoint / "run.json").read_text())["run_id"]})
-    elif cfg.run_id is None:
-        cfg = cfg.model_copy(update={"run_id": time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]})
+    cfg, checkpoint = _run_identity(cfg, resume)
     run_dir = Path(cfg.output_dir).expanduser() / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -87,74 +80,100 @@ def train(
     for note in task.warnings:
         console.print(f"[yellow]warning[/] {note}")
     with console.status("Starting Ray, the replay, the learner, the rollout actors and the evaluator..."):
-        _start_ray(cfg)
-        snapshot = checkpoint / "replay.msgpack" if checkpoint is not None else None
-        server = (
-            start_replay_server(
-                cfg.replay,
-                name=f"{cfg.replay_namespace}-replay",
-                namespace=cfg.cluster.namespace,
-                snapshot=snapshot if snapshot is not None and snapshot.is_file() else None,
-            )
-            if cfg.replay.kind == "memory"
-            else None
-        )
-        store: ReplayStore = (
-            RemoteStore(server) if server is not None else build_store(cfg.replay, run_name=cfg.replay_namespace)
-        )
-        weights_root = _weights_root(cfg)
-        scheduler = start_scheduler_server(cfg, [p.prompt_id for p in task.train], server)
-        if checkpoint is not None:
-            ray.get(scheduler.restore.remote(json.loads((checkpoint / "scheduler.json").read_text())))
-        prompts = training_prompt_tokens(cfg, model_dir) if cfg.objective.kind == "paced" else None
-        learner = start_learner(cfg, model_dir, server, weights_root, prompts=prompts, resume=checkpoint)
-        done = ray.get(learner.step_count.remote())  # also waits for a resumed learner to re-publish its weights
-        actors = [
-            start_rollout_actor(f"rollout-{i}", cfg, model_dir, scheduler, server, seed=cfg.seed * 1000 + i)
-            for i in range(cfg.cluster.num_rollout_actors)
-        ]
-        evaluator = (
-            start_evaluator(cfg, model_dir, pick_engine(cfg.rollout.engine.kind)) if cfg.eval.every_steps else None
-        )
+        run = start_processes(cfg, model_dir, [p.prompt_id for p in task.train], checkpoint)
     _warn_if_unschedulable(cfg, console)
     summary = TrainSummary(run_dir=run_dir)
-    num_steps = min(cfg.learner.num_steps, done + (max_steps or cfg.learner.num_steps))
+    num_steps = min(cfg.learner.num_steps, run.steps_done + (max_steps or cfg.learner.num_steps))
     console.print(
         f"[bold]paceflow train[/] {cfg.name}: {cfg.objective.kind} on {cfg.task.kind}, "
         f"{cfg.cluster.num_rollout_actors} rollout actor(s) ({cfg.rollout.engine.kind}), replay {cfg.replay.kind}, "
         f"{num_steps} steps -> {run_dir}"
     )
-    handles = [*actors, learner, scheduler, server, evaluator]
     try:
-        with RunRecorder(cfg, run_dir, store, resumed=done > 0) as recorder:
-            _drive(
-                cfg,
-                learner,
-                actors,
-                evaluator,
-                store,
-                recorder,
-                range(done + 1, num_steps + 1),
-                console,
-                lambda: _checkpoint(cfg, run_dir / "checkpoint", learner, scheduler, server),
-            )
+        with RunRecorder(cfg, run_dir, run.store, resumed=run.steps_done > 0) as recorder:
+            _drive(cfg, run, recorder, range(run.steps_done + 1, num_steps + 1), console, run_dir / "checkpoint")
         summary.steps, summary.evals = recorder.steps, recorder.evals
-        _stop_actors(actors, summary)  # first, so the checkpoint holds every group they finished
-        _checkpoint(cfg, run_dir / "checkpoint", learner, scheduler, server)
-        summary.final_dir = Path(ray.get(learner.save_pretrained.remote(str(run_dir / "final"))))
+        _stop_actors(run.actors, summary)  # first, so the checkpoint holds every group they finished
+        _checkpoint(cfg, run, run_dir / "checkpoint")
+        summary.final_dir = Path(ray.get(run.learner.save_pretrained.remote(str(run_dir / "final"))))
         console.print(f"saved the policy to {summary.final_dir} (loads with transformers and vLLM)")
     finally:
         if not summary.actor_counters:
-            _stop_actors(actors, summary)
-        summary.replay_stats = asdict(store.stats())
-        for handle in handles:
-            if handle is not None:
-                ray.kill(handle)
-        if str(weights_root).startswith("/dev/shm/"):  # the published versions only served this run's actors
-            shutil.rmtree(weights_root, ignore_errors=True)
+            _stop_actors(run.actors, summary)
+        summary.replay_stats = asdict(run.store.stats())
+        run.stop()
         _write_summary(summary, command)
     summary.report = _report(summary, console)
     return summary
+
+
+def _run_identity(cfg: RunConfig, resume: Path | None) -> tuple[RunConfig, Path | None]:
+    """The run id (a resumed run keeps its own, so it finds its Redis keys) and the checkpoint to resume from."""
+    if resume is None:
+        if cfg.run_id is None:
+            cfg = cfg.model_copy(update={"run_id": time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]})
+        return cfg, None
+    checkpoint = Path(resume).expanduser() / "checkpoint"
+    if not (checkpoint / "run.json").is_file():
+        raise FileNotFoundError(f"--resume: {resume} has no checkpoint/run.json (is it a paceflow run directory?)")
+    return cfg.model_copy(update={"run_id": json.loads((checkpoint / "run.json").read_text())["run_id"]}), checkpoint
+
+
+@dataclass
+class RunProcesses:
+    """The run's Ray actors and its view of the replay."""
+
+    store: ReplayStore
+    server: Any
+    """The Ray-hosted in-process replay (None with Redis)."""
+    scheduler: Any
+    learner: Any
+    actors: list[Any]
+    evaluator: Any
+    """None when evaluation is off."""
+    weights_root: Path
+    steps_done: int
+    """Learner steps already taken (a resumed run)."""
+
+    def stop(self) -> None:
+        import ray
+
+        for handle in [*self.actors, self.learner, self.scheduler, self.server, self.evaluator]:
+            if handle is not None:
+                ray.kill(handle)
+        if str(self.weights_root).startswith("/dev/shm/"):  # the published versions only served this run's actors
+            shutil.rmtree(self.weights_root, ignore_errors=True)
+
+
+def start_processes(cfg: RunConfig, model_dir: Path, prompt_ids: list[str], checkpoint: Path | None) -> RunProcesses:
+    """Ray, then the replay, the prompt scheduler, the learner, the rollout actors and the evaluator, each built
+    from its own part of the config (restored from `checkpoint` when resuming)."""
+    import ray
+
+    _start_ray(cfg)
+    snapshot = checkpoint / "replay.msgpack" if checkpoint is not None else None
+    server = None
+    if cfg.replay.kind == "memory":
+        server = start_replay_server(
+            cfg.replay,
+            name=f"{cfg.replay_namespace}-replay",
+            namespace=cfg.cluster.namespace,
+            snapshot=snapshot if snapshot is not None and snapshot.is_file() else None,
+        )
+    store = RemoteStore(server) if server is not None else build_store(cfg.replay, run_name=cfg.replay_namespace)
+    weights_root = _weights_root(cfg)
+    scheduler = start_scheduler_server(cfg, prompt_ids, server)
+    if checkpoint is not None:
+        ray.get(scheduler.restore.remote(json.loads((checkpoint / "scheduler.json").read_text())))
+    prompts = training_prompt_tokens(cfg, model_dir) if cfg.objective.kind == "paced" else None
+    learner = start_learner(cfg, model_dir, server, weights_root, prompts=prompts, resume=checkpoint)
+    done = ray.get(learner.step_count.remote())  # also waits for a resumed learner to re-publish its weights
+    actors = [
+        start_rollout_actor(f"rollout-{i}", cfg, model_dir, scheduler, server, seed=cfg.seed * 1000 + i)
+        for i in range(cfg.cluster.num_rollout_actors)
+    ]
+    evaluator = start_evaluator(cfg, model_dir, pick_engine(cfg.rollout.engine.kind)) if cfg.eval.every_steps else None
+    return RunProcesses(store, server, scheduler, learner, actors, evaluator, weights_root, done)
 
 
 def _write_summary(summary: TrainSummary, command: str | None) -> None:
@@ -259,7 +278,7 @@ def _stop_actors(actors: list[Any], summary: TrainSummary) -> None:
             summary.actor_counters.append({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def _checkpoint(cfg: RunConfig, directory: Path, learner: Any, scheduler: Any, server: Any) -> None:
+def _checkpoint(cfg: RunConfig, run: RunProcesses, directory: Path) -> None:
     """Learner state, the in-process replay (Redis persists itself), the scheduler position and the run id,
     written next to the previous checkpoint and swapped in only when complete."""
     import ray
@@ -267,11 +286,11 @@ def _checkpoint(cfg: RunConfig, directory: Path, learner: Any, scheduler: Any, s
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ray.get(learner.save_checkpoint.remote(str(tmp)))
-    if server is not None:
-        ray.get(server.save.remote(str(tmp / "replay.msgpack")))
-    (tmp / "scheduler.json").write_text(json.dumps(ray.get(scheduler.state.remote())))
-    step = ray.get(learner.step_count.remote())
+    ray.get(run.learner.save_checkpoint.remote(str(tmp)))
+    if run.server is not None:
+        ray.get(run.server.save.remote(str(tmp / "replay.msgpack")))
+    (tmp / "scheduler.json").write_text(json.dumps(ray.get(run.scheduler.state.remote())))
+    step = ray.get(run.learner.step_count.remote())
     (tmp / "run.json").write_text(json.dumps({"run_id": cfg.run_id, "step": step, "name": cfg.name}))
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -282,18 +301,12 @@ def _checkpoint(cfg: RunConfig, directory: Path, learner: Any, scheduler: Any, s
 
 
 def _drive(
-    cfg: RunConfig,
-    learner: Any,
-    actors: list[Any],
-    evaluator: Any,
-    store: ReplayStore,
-    recorder: RunRecorder,
-    steps: range,
-    console: Console,
-    checkpoint: Any,
+    cfg: RunConfig, run: RunProcesses, recorder: RunRecorder, steps: range, console: Console, checkpoint_dir: Path
 ) -> None:
+    """The learner's steps, one at a time, with evaluations, checkpoints and the live display."""
     import ray
 
+    learner, actors, evaluator, store = run.learner, run.actors, run.evaluator, run.store
     num_steps = steps.stop - 1
 
     def evaluate(step: int, version: int, weights: str | None) -> None:
@@ -318,7 +331,7 @@ def _drive(
                 live.update(_progress(recorder, num_steps, cfg))
                 evaluate(step, version, weights.path if weights is not None else None)
             if cfg.learner.checkpoint_every_steps and step % cfg.learner.checkpoint_every_steps == 0:
-                checkpoint()
+                _checkpoint(cfg, run, checkpoint_dir)
             if step % cfg.metrics.log_every_steps == 0 or step == num_steps:
                 live.update(_progress(recorder, num_steps, cfg))
     console.print()

@@ -32,6 +32,7 @@ from replay.store import (
     ReplayStats,
     check_add_arguments,
     decode_draw,
+    initial_priorities,
     sampling_weight,
     split_batch,
     success_inserts,
@@ -67,10 +68,18 @@ class MemoryStore:
 
     # ----------------------------------------------------------------------------------------- writing
     def add(
-        self, groups: Sequence[RolloutGroup], priorities: Sequence[float], *, payloads: Sequence[bytes] | None = None
+        self,
+        groups: Sequence[RolloutGroup],
+        priorities: Sequence[float] | None = None,
+        *,
+        payloads: Sequence[bytes] | None = None,
     ) -> list[str]:
         """`payloads`: the groups' encodings when the caller already has them (the Ray-hosted store receives
         bytes and decodes them only to validate): stored as they are, never encoded twice."""
+        if priorities is None:
+            with self._lock:
+                known = [self._prompt_estimate.get(g.prompt_id) for g in groups]
+            priorities = initial_priorities(groups, known)
         check_add_arguments(len(groups), priorities)
         with self._lock:
             for group in groups:

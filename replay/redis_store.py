@@ -48,6 +48,7 @@ from replay.store import (
     ReplayStats,
     check_add_arguments,
     decode_draw,
+    initial_priorities,
     sampling_weight,
     split_batch,
     success_inserts,
@@ -305,7 +306,10 @@ class RedisStore:
     def _k(self, name: str) -> str:
         return f"{self.prefix}:{name}"
 
-    def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float]) -> list[str]:
+    def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float] | None = None) -> list[str]:
+        if priorities is None:
+            known = [s.acc_estimate for s in self.prompt_stats([g.prompt_id for g in groups])]
+            priorities = initial_priorities(groups, known)
         check_add_arguments(len(groups), priorities)
         keys = self._add_rows(list(zip(groups, priorities, strict=True)), offered=groups)
         if self.success is not None and self.cfg.success_buffer is not None:

@@ -42,17 +42,19 @@ class ReplayServer:
     def save(self, path: str) -> None:
         self.store.save(Path(path))
 
-    def add(self, payloads: list[bytes], priorities: list[float]) -> list[str]:
-        groups, kept_priorities, kept_payloads = [], [], []
-        for payload, priority in zip(payloads, priorities, strict=True):
+    def add(self, payloads: list[bytes], priorities: list[float] | None = None) -> list[str]:
+        """Groups as their encodings; without priorities the store computes them (`ReplayStore.add`)."""
+        groups, kept, kept_payloads = [], [], []
+        for i, payload in enumerate(payloads):
             try:
                 groups.append(decode_group(payload))  # validated here, stored as received
             except RecordError:  # a writer sent garbage: count it, keep serving everyone else
                 self.rejected += 1
                 continue
-            kept_priorities.append(priority)
+            kept.append(i)
             kept_payloads.append(payload)
-        return self.store.add(groups, kept_priorities, payloads=kept_payloads)
+        given = None if priorities is None else [float(priorities[i]) for i in kept]
+        return self.store.add(groups, given, payloads=kept_payloads)
 
     def add_encoded(self, key: str, payload: bytes, priority: float, policy_version: int) -> None:
         self.store.add_encoded(key, payload, priority, policy_version)
@@ -124,10 +126,12 @@ class RemoteStore:
     def __init__(self, handle: Any) -> None:
         self.handle = handle
 
-    def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float]) -> list[str]:
-        check_add_arguments(len(groups), priorities)
+    def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float] | None = None) -> list[str]:
+        if priorities is not None:
+            check_add_arguments(len(groups), priorities)
         payloads = [encode_group(g) for g in groups]
-        return list(ray.get(self.handle.add.remote(payloads, [float(p) for p in priorities])))
+        sent = None if priorities is None else [float(p) for p in priorities]
+        return list(ray.get(self.handle.add.remote(payloads, sent)))
 
     def add_encoded(self, key: str, payload: bytes, priority: float, policy_version: int) -> None:
         ray.get(self.handle.add_encoded.remote(key, payload, priority, policy_version))

@@ -4,7 +4,7 @@ A store holds rollout groups keyed by their group id, each with a priority (PACE
 error e(x) = |N_correct/G - a(x)|). Semantics, identical for `MemoryStore` and `RedisStore` (one contract test
 suite runs against both):
 
-- `add(groups, priorities)`: every group enters the main table whole, correct and incorrect responses alike
+- `add(groups, priorities=None)`: every group enters the main table whole, correct and incorrect responses alike
   (the learner's fresh batches come from there); idempotent by group id (a writer that retries after a lost
   reply never duplicates). Per-prompt accuracy statistics are counted from every group. Over `capacity`, the
   lowest-priority or the oldest groups are evicted, as configured. With a `success_buffer`, the successful
@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from configs.schema import ReplayConfig
+from replay.priority import estimate_error
 from replay.records import PromptStats, RecordError, RolloutGroup, SampledBatch, WeightVersion, decode_group
 
 MIN_PRIORITY = 1e-6
@@ -60,8 +61,9 @@ STAT_FIELDS = ("inserted", "duplicates", "sampled", "evicted_capacity", "evicted
 
 
 class ReplayStore(Protocol):
-    def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float]) -> list[str]:
-        """Insert groups; returns the keys that entered the store."""
+    def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float] | None = None) -> list[str]:
+        """Insert groups; returns the keys that entered the store. Without `priorities`, each group's is PACED-RL's
+        e(x) against the estimate the store holds for its prompt (`initial_priorities`)."""
         ...
 
     def sample(self, num_groups: int, *, num_success: int = 0, seed: int | None = None) -> SampledBatch: ...
@@ -87,6 +89,12 @@ class ReplayStore(Protocol):
     def __len__(self) -> int: ...
 
     def close(self) -> None: ...
+
+
+def initial_priorities(groups: Sequence[RolloutGroup], estimates: Sequence[float | None]) -> list[float]:
+    """A new group's priority: e(x) = |N_correct/G - a(x)| against the learner's latest a(x) for its prompt
+    (replay/priority.py), computed where the estimates are, so a writer needs no extra round trip."""
+    return [estimate_error(g.rewards, e) for g, e in zip(groups, estimates, strict=True)]
 
 
 def sampling_weight(priorities: np.ndarray | float, exponent: float) -> np.ndarray:

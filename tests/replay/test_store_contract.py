@@ -76,6 +76,23 @@ def test_groups_come_back_exactly_as_added(make_store: Any) -> None:
     assert batch.fresh == [True] * 4 and batch.is_weights == [1.0] * 4 and batch.times_sampled == [1] * 4
 
 
+def test_without_priorities_a_group_gets_the_error_of_the_stores_estimate(make_store: Any) -> None:
+    """PACED-RL's e(x) = |N_correct/G - a(x)| against the a(x) the learner last wrote, computed by the store (no
+    extra round trip for the writer); 1.0 for a prompt without an estimate."""
+    store: ReplayStore = make_store(fresh_fraction=1.0)
+    store.put_acc_estimates({"known": 0.25})
+    known, unknown = group("known", rewards=(1.0, 0.0, 0.0, 0.0)), group("new", rewards=(1.0, 1.0))
+    store.add([known, unknown])
+    batch = store.sample(2)
+    priorities = dict(zip((g.prompt_id for g in batch.groups), batch.priorities, strict=True))
+    assert priorities == {"known": pytest.approx(0.0), "new": pytest.approx(1.0)}
+    store.put_acc_estimates({"known": 0.75})
+    again = group("known", rewards=(1.0, 0.0, 0.0, 0.0))
+    store.add([again])
+    batch = store.sample(1)
+    assert batch.groups[0].group_id == again.group_id and batch.priorities == [pytest.approx(0.5)]
+
+
 def test_adding_the_same_group_twice_keeps_one_copy(make_store: Any) -> None:
     store = make_store()
     g = group()
