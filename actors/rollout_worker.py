@@ -59,6 +59,8 @@ class WorkerCounters:
     prompts_too_long: int = 0
     reward_errors: int = 0
     reward_timeouts: int = 0
+    reward_last_error: str = ""
+    """The verifier's last error message (what went wrong, for the run's summary.json)."""
     weight_updates: int = 0
     weight_version: int = 0
     generate_s: float = 0.0
@@ -163,6 +165,7 @@ class RolloutWorker:
             self.counters.truncated += sum(s.finish_reason == "length" for s in samples)
         self.counters.reward_errors = self.rewards.counters.errors
         self.counters.reward_timeouts = self.rewards.counters.timeouts
+        self.counters.reward_last_error = self.rewards.counters.last_error
         return groups
 
     def _tokens(self, prompt: Prompt) -> list[int]:
