@@ -70,6 +70,7 @@ def train(
 
     console = console or Console()
     cfg, checkpoint = _run_identity(cfg, resume)
+    cfg = resolve_replay_host(cfg)
     run_dir = Path(cfg.output_dir).expanduser() / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -117,6 +118,16 @@ def _run_identity(cfg: RunConfig, resume: Path | None) -> tuple[RunConfig, Path 
     if not (checkpoint / "run.json").is_file():
         raise FileNotFoundError(f"--resume: {resume} has no checkpoint/run.json (is it a paceflow run directory?)")
     return cfg.model_copy(update={"run_id": json.loads((checkpoint / "run.json").read_text())["run_id"]}), checkpoint
+
+
+def resolve_replay_host(cfg: RunConfig) -> RunConfig:
+    """replay.host 'auto' -> this machine's address as the other nodes see it (Ray's own choice of node IP)."""
+    if cfg.replay.kind != "redis" or cfg.replay.host != "auto":
+        return cfg
+    import ray
+
+    replay = cfg.replay.model_copy(update={"host": ray.util.get_node_ip_address()})
+    return cfg.model_copy(update={"replay": replay})
 
 
 @dataclass

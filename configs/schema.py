@@ -404,7 +404,9 @@ class RedisReplayConfig(_ReplayCommon):
 
     kind: Literal["redis"] = "redis"
     host: str = "127.0.0.1"
-    """Redis host; localhost unless you mean otherwise."""
+    """Redis host; localhost unless you mean otherwise. 'auto': the address of the machine `paceflow train` runs
+    on (the head node under `ray job submit`, where cluster/cluster.yaml starts Redis), resolved once by the
+    launcher so that actors on other nodes reach it."""
     port: int = Field(6380, ge=1, le=65535)
     """Redis port (Ray's own GCS owns 6379)."""
     db: int = Field(0, ge=0, le=15)
