@@ -11,6 +11,7 @@ import yaml
 
 from cluster.launch import resolve_replay_host
 from configs.load import load_config
+from configs.schema import RedisReplayConfig
 from tests.conftest import REPO
 
 PRESET = "gpu_cluster_1p5b"
@@ -61,9 +62,9 @@ def test_kuberay_groups_provide_what_the_preset_asks_for() -> None:
 
 
 def test_replay_host_auto_becomes_this_machines_address() -> None:
-    cfg = resolve_replay_host(load_config(PRESET))
-    assert cfg.replay.kind == "redis" and cfg.replay.host not in ("auto", "")
-    parts = cfg.replay.host.split(".")
+    replay = resolve_replay_host(load_config(PRESET)).replay
+    assert isinstance(replay, RedisReplayConfig) and replay.host not in ("auto", "")
+    parts = replay.host.split(".")
     assert len(parts) == 4 and all(p.isdigit() for p in parts)
-    local = load_config("tiny_cpu", ["replay={kind: redis, host: 10.1.2.3}"])
-    assert resolve_replay_host(local).replay.host == "10.1.2.3"  # an explicit address is kept
+    local = resolve_replay_host(load_config("tiny_cpu", ["replay={kind: redis, host: 10.1.2.3}"])).replay
+    assert isinstance(local, RedisReplayConfig) and local.host == "10.1.2.3"  # an explicit address is kept
