@@ -64,6 +64,8 @@ class WorkerCounters:
     weight_updates: int = 0
     weight_version: int = 0
     generate_s: float = 0.0
+    last_generate_s: float = 0.0
+    """Seconds of the last engine call (the generation latency of one batch of prompts)."""
 
 
 class RolloutWorker:
@@ -140,7 +142,8 @@ class RolloutWorker:
         seed = (self.seed * 1_000_003 + version * 1_009 + self._steps_at_version) % 2**31
         outputs = self.engine.generate([ids for _, _, ids in kept], self.cfg.sampling, seed=seed)
         self._steps_at_version += 1
-        self.counters.generate_s += time.perf_counter() - start
+        self.counters.last_generate_s = time.perf_counter() - start
+        self.counters.generate_s += self.counters.last_generate_s
         groups = []
         for (prompt, how, ids), samples in zip(kept, outputs, strict=True):
             scores = self.rewards.score(prompt, [s.text for s in samples])
@@ -271,6 +274,7 @@ class RolloutActor:
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         return {
             **asdict(self.worker.counters),
+            "actor_id": self.actor_id,
             "alive": self._thread.is_alive(),
             "error": self.error,
             "restarted": restarted,

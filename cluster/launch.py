@@ -26,6 +26,7 @@ from actors.rollout_worker import start_rollout_actor
 from actors.scheduler import start_scheduler_server
 from actors.tasks import build_task
 from cluster.evaluate import estimates_to_json, pick_engine, results_from_json, start_evaluator, summarize
+from cluster.metrics import MetricsServer, RunMetrics
 from cluster.models import resolve_model_dir
 from configs.load import to_yaml
 from configs.schema import RunConfig
@@ -90,8 +91,10 @@ def train(
         f"{cfg.cluster.num_rollout_actors} rollout actor(s) ({cfg.rollout.engine.kind}), replay {cfg.replay.kind}, "
         f"{num_steps} steps -> {run_dir}"
     )
+    exporter = _start_metrics(cfg, run, run_dir, console)
     try:
-        with RunRecorder(cfg, run_dir, run.store, resumed=run.steps_done > 0) as recorder:
+        metrics = exporter.metrics if exporter is not None else None
+        with RunRecorder(cfg, run_dir, run.store, resumed=run.steps_done > 0, metrics=metrics) as recorder:
             _drive(cfg, run, recorder, range(run.steps_done + 1, num_steps + 1), console, run_dir / "checkpoint")
         summary.steps, summary.evals = recorder.steps, recorder.evals
         _stop_actors(run.actors, summary)  # first, so the checkpoint holds every group they finished
@@ -102,10 +105,30 @@ def train(
         if not summary.actor_counters:
             _stop_actors(run.actors, summary)
         summary.replay_stats = asdict(run.store.stats())
+        if exporter is not None:
+            exporter.close()
         run.stop()
         _write_summary(summary, command)
     summary.report = _report(summary, console)
     return summary
+
+
+def _start_metrics(cfg: RunConfig, run: RunProcesses, run_dir: Path, console: Console) -> MetricsServer | None:
+    """The run's Prometheus endpoint (cluster/metrics.py), fed by the recorder and by polling actors and replay."""
+    if not cfg.metrics.enabled:
+        return None
+    import ray
+
+    metrics = RunMetrics(cfg.name)
+
+    def poll() -> None:
+        metrics.observe_actors(ray.get([a.counters.remote() for a in run.actors], timeout=30))
+        metrics.observe_replay(asdict(run.store.stats()))
+
+    exporter = MetricsServer(cfg.metrics, metrics, poll)
+    (run_dir / "metrics_url.txt").write_text(exporter.url + "\n")
+    console.print(f"metrics: {exporter.url} (Prometheus; dashboards in cluster/grafana/)")
+    return exporter
 
 
 def _run_identity(cfg: RunConfig, resume: Path | None) -> tuple[RunConfig, Path | None]:
@@ -223,9 +246,12 @@ class RunRecorder:
     """The run's files, one line per event: metrics.jsonl (steps), calibration.jsonl (PACED-RL's fresh groups)
     and evals.jsonl (held-out evaluations with per-prompt results). A resumed run appends."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, store: ReplayStore, *, resumed: bool) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, store: ReplayStore, *, resumed: bool, metrics: RunMetrics | None = None
+    ) -> None:
         self.cfg = cfg
         self.store = store
+        self.metrics = metrics
         mode = "a" if resumed else "w"
         self._files: dict[str, IO[str]] = {
             name: (run_dir / f"{name}.jsonl").open(mode) for name in ("metrics", "calibration", "evals")
@@ -256,6 +282,8 @@ class RunRecorder:
         result["tokens_per_s"] = sum(r["tokens"] for r in self.steps) / elapsed
         result["rollouts"] = self.rollouts()
         self._write("metrics", result)
+        if self.metrics is not None:
+            self.metrics.observe_step(result)
         return result
 
     def evaluation(self, step: int, version: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -272,6 +300,8 @@ class RunRecorder:
         }
         self._write("evals", {**record, "per_prompt": rows})
         self.evals.append(record)
+        if self.metrics is not None:
+            self.metrics.observe_eval(record)
         return record
 
     def _write(self, name: str, row: dict[str, Any]) -> None:

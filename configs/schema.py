@@ -521,14 +521,18 @@ class ClusterConfig(Section):
 
 
 class MetricsConfig(Section):
-    """Progress logging and (reserved) the Prometheus endpoint; per-step metrics go to output_dir/name/metrics.jsonl."""
+    """Progress logging and the run's Prometheus endpoint (cluster/metrics.py); per-step metrics also go to
+    output_dir/name/metrics.jsonl."""
 
     enabled: bool = True
-    """Reserved for the Prometheus exporter, which is not built yet (metrics.jsonl is always written)."""
+    """Serve the run's metrics at http://host:port/metrics while it trains (metrics.jsonl is always written)."""
     host: str = "127.0.0.1"
-    """Reserved: address the Prometheus endpoint will bind to (localhost unless configured otherwise)."""
+    """Address the Prometheus endpoint binds to: localhost unless you mean otherwise (0.0.0.0 for a scraper on
+    another machine)."""
     port: int = Field(0, ge=0, le=65535)
-    """Reserved: Prometheus port; 0 will pick a free one."""
+    """Prometheus port; 0 picks a free one (printed at start and written to the run directory)."""
+    poll_s: float = Field(2.0, gt=0.0, le=300.0)
+    """How often the driver reads the actors' counters and the replay's statistics for the endpoint."""
     log_every_steps: int = Field(1, ge=1)
     """Console/progress update interval in learner steps."""
 

@@ -42,6 +42,8 @@ class TrainBatch:
     """Per group: never sampled before this batch."""
     selections: list[str]
     """Per group: how the scheduler chose its prompt ('uniform', 'paced', 'explore')."""
+    priorities: list[float]
+    """Per group: its replay priority when it was drawn."""
     sample_names: list[str]
 
     @property
@@ -64,12 +66,15 @@ def collate(
     reward is NaN (verifier crashed or timed out) are left out; a group left with no response is left out."""
     rows: list[tuple[int, RolloutGroup, int]] = []  # (group index in batch, group, response index)
     kept_groups: list[tuple[RolloutGroup, str, bool, bool]] = []  # (group, key, replayed, fresh)
-    for group, key, replayed, fresh in zip(sampled.groups, sampled.keys, sampled.success, sampled.fresh, strict=True):
+    priorities: list[float] = []
+    drawn = zip(sampled.groups, sampled.keys, sampled.success, sampled.fresh, sampled.priorities, strict=True)
+    for group, key, replayed, fresh, priority in drawn:
         valid = [i for i in range(group.size) if not (drop_invalid_rewards and np.isnan(group.rewards[i]))]
         if not valid:
             continue
         rows += [(len(kept_groups), group, i) for i in valid]
         kept_groups.append((group, key, replayed, fresh))
+        priorities.append(float(priority))
     width = max((len(g.prompt_token_ids) + len(g.response_token_ids[i]) for _, g, i in rows), default=1)
     n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -105,6 +110,7 @@ def collate(
         replayed=[r for _, _, r, _ in kept_groups],
         fresh=[f for _, _, _, f in kept_groups],
         selections=[g.selection for g, _, _, _ in kept_groups],
+        priorities=priorities,
         sample_names=[f"prompt {g.prompt_id} sample {i} (actor {g.actor_id}, v{g.policy_version})" for _, g, i in rows],
     )
 
@@ -148,5 +154,6 @@ def _rows(batch: TrainBatch, a: int, b: int) -> TrainBatch:
         replayed=batch.replayed[first : last + 1],
         fresh=batch.fresh[first : last + 1],
         selections=batch.selections[first : last + 1],
+        priorities=batch.priorities[first : last + 1],
         sample_names=batch.sample_names[a:b],
     )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -324,7 +325,12 @@ class Learner:
         """What the batch held (failed responses, replayed rows) and, for PACED-RL, how well a(x) predicted it."""
         valid = ~torch.isnan(batch.reward_B)
         on_policy = valid & (batch.replayed_B == 0)
+        drawn = np.array([p for p, r in zip(batch.priorities, batch.replayed, strict=True) if not r] or [np.nan])
         metrics = {
+            # The replay's priority distribution as the learner draws from it (main table).
+            "priority_p10": float(np.quantile(drawn, 0.1)),
+            "priority_p50": float(np.quantile(drawn, 0.5)),
+            "priority_p90": float(np.quantile(drawn, 0.9)),
             "rows_replayed": float(batch.replayed_B.sum()),
             "groups_fresh": float(sum(f and not r for f, r in zip(batch.fresh, batch.replayed, strict=True))),
             "failed_frac": float((batch.reward_B[on_policy] < 1).float().mean()) if on_policy.any() else float("nan"),
