@@ -38,6 +38,9 @@ examples:
   paceflow eval runs/smollm2_cpu --against base      held-out metrics of a run's final policy vs the base model
   paceflow eval base smollm2_cpu --samples 8         the base model on the preset's held-out prompts
   paceflow report runs/smollm2_cpu                   (re)draw a run's plots and markdown report
+  paceflow status runs/tiny_cpu                      a running job: step, actors, throughput, replay, lag
+  paceflow scale runs/tiny_cpu --actors 4            add or remove rollout actors of a running job
+  paceflow stop runs/tiny_cpu                        end a running job cleanly after its current step
 """
 
 
@@ -166,6 +169,38 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser(
+        "status",
+        help="show a running job: step, actors and their weight versions, throughput, replay, lag",
+        description="Connect to the Ray cluster of the run in RUN_DIR (its control.json) and print the snapshot "
+        "the driver publishes after every learner step.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser(
+        "scale",
+        help="add or remove rollout actors of a running job, without restarting the learner",
+        description="Set the number of rollout actors of the running job in RUN_DIR. The driver applies it "
+        "between learner steps: new actors load the newest weights and join; removed actors finish their current "
+        "step first, so every group they made reaches the replay. On an autoscaling cluster, rollout nodes follow "
+        "the actors' resource demand. Synchronous runs (learner.sync) cannot scale.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--actors", type=int, required=True, help="the number of rollout actors to keep")
+    p.set_defaults(func=_scale)
+
+    p = sub.add_parser(
+        "stop",
+        help="end a running job cleanly after its current learner step (resumable)",
+        description="Ask the running job in RUN_DIR to stop after its current learner step. It finishes as if it "
+        "had reached learner.num_steps: actors stop, a checkpoint, the final policy and the report are written. "
+        "`paceflow train CONFIG --resume RUN_DIR` continues it.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=_stop)
 
     p = sub.add_parser(
         "demo",
@@ -327,6 +362,61 @@ def _report(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a paceflow run directory?)")
     report = write_report(run_dir)
     print(f"wrote {report} and its plots")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import ray
+    from rich.console import Console
+
+    from cluster.control import connect_control, status_table
+
+    try:
+        control = connect_control(Path(args.run_dir))
+        status = ray.get(control.status.remote(), timeout=30)
+    except (FileNotFoundError, RuntimeError, ConnectionError) as exc:
+        print(f"paceflow status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+    elif not status.get("step"):
+        print(f"{args.run_dir}: running, no learner step yet ({status.get('desired_actors')} actors wanted)")
+    else:
+        Console().print(status_table(status))
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.control import connect_control
+
+    if args.actors < 1:
+        raise ConfigError(f"--actors: got {args.actors} (must be >= 1)")
+    try:
+        control = connect_control(Path(args.run_dir))
+        want = ray.get(control.set_actors.remote(args.actors), timeout=30)
+    except (FileNotFoundError, RuntimeError, ConnectionError) as exc:
+        print(f"paceflow scale: {exc}", file=sys.stderr)
+        return 1
+    except ray.exceptions.RayTaskError as exc:  # the control actor refused (a synchronous run, a bad count)
+        print(f"paceflow scale: {exc.cause}", file=sys.stderr)
+        return 2
+    print(f"{args.run_dir}: {want} rollout actor(s) wanted; the driver applies it after the current learner step")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.control import connect_control
+
+    try:
+        ray.get(connect_control(Path(args.run_dir)).request_stop.remote(), timeout=30)
+    except (FileNotFoundError, RuntimeError, ConnectionError) as exc:
+        print(f"paceflow stop: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.run_dir}: stopping after the current learner step (checkpoint, final policy, report)")
     return 0
 
 

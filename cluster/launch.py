@@ -25,6 +25,7 @@ from rich.table import Table
 from actors.rollout_worker import start_rollout_actor
 from actors.scheduler import start_scheduler_server
 from actors.tasks import build_task
+from cluster.control import start_control
 from cluster.evaluate import estimates_to_json, pick_engine, results_from_json, start_evaluator, summarize
 from cluster.metrics import MetricsServer, RunMetrics
 from cluster.models import resolve_model_dir
@@ -82,7 +83,7 @@ def train(
     for note in task.warnings:
         console.print(f"[yellow]warning[/] {note}")
     with console.status("Starting Ray, the replay, the learner, the rollout actors and the evaluator..."):
-        run = start_processes(cfg, model_dir, [p.prompt_id for p in task.train], checkpoint)
+        run = start_processes(cfg, model_dir, [p.prompt_id for p in task.train], checkpoint, run_dir)
     _warn_if_unschedulable(cfg, console)
     summary = TrainSummary(run_dir=run_dir)
     num_steps = min(cfg.learner.num_steps, run.steps_done + (max_steps or cfg.learner.num_steps))
@@ -95,7 +96,9 @@ def train(
     try:
         metrics = exporter.metrics if exporter is not None else None
         with RunRecorder(cfg, run_dir, run.store, resumed=run.steps_done > 0, metrics=metrics) as recorder:
-            _drive(cfg, run, recorder, range(run.steps_done + 1, num_steps + 1), console, run_dir / "checkpoint")
+            _drive(
+                cfg, run, recorder, range(run.steps_done + 1, num_steps + 1), console, run_dir / "checkpoint", summary
+            )
         summary.steps, summary.evals = recorder.steps, recorder.evals
         _stop_actors(run.actors, summary)  # first, so the checkpoint holds every group they finished
         _checkpoint(cfg, run, run_dir / "checkpoint")
@@ -122,7 +125,7 @@ def _start_metrics(cfg: RunConfig, run: RunProcesses, run_dir: Path, console: Co
     metrics = RunMetrics(cfg.name)
 
     def poll() -> None:
-        metrics.observe_actors(ray.get([a.counters.remote() for a in run.actors], timeout=30))
+        metrics.observe_actors(ray.get([a.counters.remote() for a in list(run.actors)], timeout=30))
         metrics.observe_replay(asdict(run.store.stats()))
 
     exporter = MetricsServer(cfg.metrics, metrics, poll)
@@ -168,23 +171,63 @@ class RunProcesses:
     weights_root: Path
     steps_done: int
     """Learner steps already taken (a resumed run)."""
+    model_dir: Path
+    control: Any = None
+    """The run's RunControl (cluster/control.py): `paceflow scale` and `paceflow status` talk to it."""
+    started_actors: int = 0
+    """Rollout actors started so far (new ones get the next index, so ids are never reused)."""
+
+    def start_actor(self, cfg: RunConfig) -> None:
+        i = self.started_actors
+        self.actors.append(
+            start_rollout_actor(
+                f"rollout-{i}", cfg, self.model_dir, self.scheduler, self.server, seed=cfg.seed * 1000 + i
+            )
+        )
+        self.started_actors += 1
+
+    def rescale(self, cfg: RunConfig, summary: TrainSummary) -> None:
+        """Start or stop rollout actors to the count `paceflow scale` asked for. A stopped actor finishes its
+        current step first, so every group it made is in the replay; its counters go into the summary."""
+        if self.control is None:
+            return
+        import ray
+
+        want = int(ray.get(self.control.desired.remote()))
+        while len(self.actors) < want:
+            self.start_actor(cfg)
+        if len(self.actors) > want:
+            leaving, self.actors[:] = self.actors[want:], self.actors[:want]
+            _stop_actors(leaving, summary)
+            for actor in leaving:
+                ray.kill(actor)
 
     def stop(self) -> None:
         import ray
 
-        for handle in [*self.actors, self.learner, self.scheduler, self.server, self.evaluator]:
+        for handle in [*self.actors, self.learner, self.scheduler, self.server, self.evaluator, self.control]:
             if handle is not None:
                 ray.kill(handle)
         if str(self.weights_root).startswith("/dev/shm/"):  # the published versions only served this run's actors
             shutil.rmtree(self.weights_root, ignore_errors=True)
 
 
-def start_processes(cfg: RunConfig, model_dir: Path, prompt_ids: list[str], checkpoint: Path | None) -> RunProcesses:
-    """Ray, then the replay, the prompt scheduler, the learner, the rollout actors and the evaluator, each built
-    from its own part of the config (restored from `checkpoint` when resuming)."""
+def start_processes(
+    cfg: RunConfig, model_dir: Path, prompt_ids: list[str], checkpoint: Path | None, run_dir: Path
+) -> RunProcesses:
+    """Ray, then the run's control actor (control.json in `run_dir`), the replay, the prompt scheduler, the
+    learner, the rollout actors and the evaluator, each built from its own part of the config (restored from
+    `checkpoint` when resuming)."""
     import ray
 
     _start_ray(cfg)
+    control = start_control(
+        run_dir,
+        name=f"{cfg.replay_namespace}-control",
+        namespace=cfg.cluster.namespace,
+        actors=cfg.cluster.num_rollout_actors,
+        sync=cfg.learner.sync,
+    )
     snapshot = checkpoint / "replay.msgpack" if checkpoint is not None else None
     server = None
     if cfg.replay.kind == "memory":
@@ -202,12 +245,11 @@ def start_processes(cfg: RunConfig, model_dir: Path, prompt_ids: list[str], chec
     prompts = training_prompt_tokens(cfg, model_dir) if cfg.objective.kind == "paced" else None
     learner = start_learner(cfg, model_dir, server, weights_root, prompts=prompts, resume=checkpoint)
     done = ray.get(learner.step_count.remote())  # also waits for a resumed learner to re-publish its weights
-    actors = [
-        start_rollout_actor(f"rollout-{i}", cfg, model_dir, scheduler, server, seed=cfg.seed * 1000 + i)
-        for i in range(cfg.cluster.num_rollout_actors)
-    ]
     evaluator = start_evaluator(cfg, model_dir, pick_engine(cfg.rollout.engine.kind)) if cfg.eval.every_steps else None
-    return RunProcesses(store, server, scheduler, learner, actors, evaluator, weights_root, done)
+    run = RunProcesses(store, server, scheduler, learner, [], evaluator, weights_root, done, model_dir, control)
+    for _ in range(cfg.cluster.num_rollout_actors):
+        run.start_actor(cfg)
+    return run
 
 
 def _write_summary(summary: TrainSummary, command: str | None) -> None:
@@ -342,9 +384,16 @@ def _checkpoint(cfg: RunConfig, run: RunProcesses, directory: Path) -> None:
 
 
 def _drive(
-    cfg: RunConfig, run: RunProcesses, recorder: RunRecorder, steps: range, console: Console, checkpoint_dir: Path
+    cfg: RunConfig,
+    run: RunProcesses,
+    recorder: RunRecorder,
+    steps: range,
+    console: Console,
+    checkpoint_dir: Path,
+    summary: TrainSummary,
 ) -> None:
-    """The learner's steps, one at a time, with evaluations, checkpoints and the live display."""
+    """The learner's steps, one at a time, with evaluations, checkpoints, the live display, the actor count that
+    `paceflow scale` asks for and the snapshot `paceflow status` shows."""
     import ray
 
     learner, actors, evaluator, store = run.learner, run.actors, run.evaluator, run.store
@@ -375,7 +424,40 @@ def _drive(
                 _checkpoint(cfg, run, checkpoint_dir)
             if step % cfg.metrics.log_every_steps == 0 or step == num_steps:
                 live.update(_progress(recorder, num_steps, cfg))
+            _publish_status(cfg, run, recorder, num_steps)
+            if run.control is not None and ray.get(run.control.stop_requested.remote()):
+                console.print(f"stopping after step {step} as asked (paceflow stop); resume with --resume")
+                break
+            if step < num_steps:
+                run.rescale(cfg, summary)
     console.print()
+
+
+def _publish_status(cfg: RunConfig, run: RunProcesses, recorder: RunRecorder, num_steps: int) -> None:
+    """What `paceflow status` shows: the last step, every actor's counters, the replay."""
+    if run.control is None:
+        return
+    import ray
+
+    r = recorder.steps[-1]
+    status = {
+        "name": cfg.name,
+        "step": r["step"],
+        "num_steps": num_steps,
+        "version": r["version"],
+        "elapsed_s": r["elapsed_s"],
+        "loss": r["loss"],
+        "reward": r["reward_mean"],
+        "lag_mean": r["lag_mean"],
+        "lag_max": r["lag_max"],
+        "step_s": r["compute_s"] + r["publish_s"],
+        "wait_s": r["wait_s"],
+        "samples_per_s": r["samples_per_s"],
+        "tokens_per_s": r["tokens_per_s"],
+        "actors": ray.get([a.counters.remote() for a in run.actors], timeout=60),
+        "replay": asdict(run.store.stats()),
+    }
+    run.control.publish_status.remote(status)
 
 
 def _progress(recorder: RunRecorder, num_steps: int, cfg: RunConfig) -> Group:

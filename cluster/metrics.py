@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -58,6 +59,9 @@ class RunMetrics:
         self._actors: list[dict[str, Any]] = []
         self._replay: dict[str, Any] = {}
         self._heldout: dict[str, float] = {}
+        self.updated = time.monotonic()
+        self.scraped: float | None = None
+        """When a scraper last read the endpoint (None: nobody scrapes it)."""
 
     # ------------------------------------------------------------------------------------------ inputs
     def observe_step(self, result: Mapping[str, Any]) -> None:
@@ -69,6 +73,7 @@ class RunMetrics:
             t["rows"] += int(result["rows"])
             t["step_seconds"] += float(result["compute_s"]) + float(result["publish_s"])
             t["wait_seconds"] += float(result["wait_s"])
+            self.updated = time.monotonic()
 
     def observe_actors(self, counters: Iterable[Mapping[str, Any]]) -> None:
         with self._lock:
@@ -85,6 +90,7 @@ class RunMetrics:
                 for name, est in record["metrics"].items()
                 if isinstance(est, Mapping) and est.get("mean") is not None
             }
+            self.updated = time.monotonic()
 
     # ------------------------------------------------------------------------------------------ output
     def collect(self) -> Iterable[Metric]:
@@ -93,6 +99,7 @@ class RunMetrics:
             yield from self._rollout()
             yield from self._replay_families()
             yield from self._learning()
+            self.scraped = time.monotonic()
 
     def _gauge(self, name: str, doc: str, value: float, labels: Mapping[str, str] | None = None) -> Metric:
         labels = {"run": self.run, **(labels or {})}
@@ -208,7 +215,14 @@ class MetricsServer:
             except Exception:  # a dead actor or a restarting Redis must not stop the exporter
                 continue
 
-    def close(self) -> None:
+    def close(self, final_scrape_wait_s: float = 30.0) -> None:
+        """Stop serving; if a scraper has been reading the endpoint, first give it the chance to read the final
+        numbers (up to `final_scrape_wait_s`), so the last step shows on the dashboards."""
+        deadline = time.monotonic() + final_scrape_wait_s
+        while self.metrics.scraped is not None and self.metrics.scraped < self.metrics.updated:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         self._stop.set()
         self._poller.join(timeout=self._poll_s + 5)
         self._server.shutdown()

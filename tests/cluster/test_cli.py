@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from cluster.cli import main
 from configs.load import preset_names
 
-SUBCOMMANDS = ["validate", "presets", "schema", "prepare", "train", "demo"]
+SUBCOMMANDS = ["validate", "presets", "schema", "prepare", "train", "eval", "report", "status", "scale", "stop", "demo"]
 
 
 def test_console_script_help_lists_every_subcommand() -> None:
@@ -106,3 +107,14 @@ def test_unknown_option_is_rejected() -> None:
     with pytest.raises(SystemExit) as info:
         main(["validate", "tiny_cpu", "--bogus"])
     assert info.value.code == 2
+
+
+def test_status_scale_and_stop_name_a_directory_that_is_not_a_running_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in (["status", str(tmp_path)], ["scale", str(tmp_path), "--actors", "2"], ["stop", str(tmp_path)]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert f"paceflow {command[0]}:" in err and "control.json" in err and str(tmp_path) in err
+    assert main(["scale", str(tmp_path), "--actors", "0"]) == 2
+    assert "--actors" in capsys.readouterr().err
