@@ -34,6 +34,7 @@ from configs.schema import RunConfig
 from learner.server import start_learner
 from replay.remote import RemoteStore, start_replay_server
 from replay.store import ReplayStore, build_store
+from replay.weight_store import start_weight_store
 
 
 def training_prompt_tokens(cfg: RunConfig, model_dir: Path) -> dict[str, list[int]]:
@@ -72,7 +73,7 @@ def train(
 
     console = console or Console()
     cfg, checkpoint = _run_identity(cfg, resume)
-    cfg = resolve_replay_host(cfg)
+    cfg = resolve_weight_transport(resolve_replay_host(cfg))
     run_dir = Path(cfg.output_dir).expanduser() / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -156,6 +157,16 @@ def resolve_replay_host(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"replay": replay})
 
 
+def resolve_weight_transport(cfg: RunConfig) -> RunConfig:
+    """cluster.weight_transport 'auto' -> object_store when the run joins a cluster (its nodes share no path),
+    filesystem on one machine (shared memory, the fastest hand-over)."""
+    if cfg.cluster.weight_transport != "auto":
+        return cfg
+    joins = cfg.cluster.address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    cluster = cfg.cluster.model_copy(update={"weight_transport": "object_store" if joins else "filesystem"})
+    return cfg.model_copy(update={"cluster": cluster})
+
+
 @dataclass
 class RunProcesses:
     """The run's Ray actors and its view of the replay."""
@@ -176,6 +187,8 @@ class RunProcesses:
     """The run's RunControl (cluster/control.py): `paceflow scale` and `paceflow status` talk to it."""
     started_actors: int = 0
     """Rollout actors started so far (new ones get the next index, so ids are never reused)."""
+    weight_store: Any = None
+    """The run's WeightStore actor (cluster.weight_transport: object_store)."""
 
     def start_actor(self, cfg: RunConfig) -> None:
         i = self.started_actors
@@ -205,7 +218,8 @@ class RunProcesses:
     def stop(self) -> None:
         import ray
 
-        for handle in [*self.actors, self.learner, self.scheduler, self.server, self.evaluator, self.control]:
+        handles = [*self.actors, self.learner, self.scheduler, self.server, self.evaluator, self.control]
+        for handle in [*handles, self.weight_store]:
             if handle is not None:
                 ray.kill(handle)
         if str(self.weights_root).startswith("/dev/shm/"):  # the published versions only served this run's actors
@@ -242,11 +256,15 @@ def start_processes(
     scheduler = start_scheduler_server(cfg, prompt_ids, server)
     if checkpoint is not None:
         ray.get(scheduler.restore.remote(json.loads((checkpoint / "scheduler.json").read_text())))
+    weight_store = None
+    if cfg.cluster.weight_transport == "object_store":
+        weight_store = start_weight_store(cfg.weight_store_name, cfg.cluster.namespace)
     prompts = training_prompt_tokens(cfg, model_dir) if cfg.objective.kind == "paced" else None
     learner = start_learner(cfg, model_dir, server, weights_root, prompts=prompts, resume=checkpoint)
     done = ray.get(learner.step_count.remote())  # also waits for a resumed learner to re-publish its weights
     evaluator = start_evaluator(cfg, model_dir, pick_engine(cfg.rollout.engine.kind)) if cfg.eval.every_steps else None
     run = RunProcesses(store, server, scheduler, learner, [], evaluator, weights_root, done, model_dir, control)
+    run.weight_store = weight_store
     for _ in range(cfg.cluster.num_rollout_actors):
         run.start_actor(cfg)
     return run

@@ -518,6 +518,10 @@ class ClusterConfig(Section):
     """Ray namespace of the run's actors."""
     max_actor_restarts: int = Field(3, ge=-1)
     """Times Ray restarts a dead rollout actor (-1 = forever)."""
+    weight_transport: Literal["auto", "filesystem", "object_store"] = "auto"
+    """How published weights reach the actors: 'filesystem' (a directory every actor can read: shared memory on
+    one machine, or a shared filesystem), 'object_store' (Ray's object store: any node, no shared path; see
+    replay/weight_store.py), or 'auto': object_store when the run joins a cluster, filesystem otherwise."""
 
 
 class MetricsConfig(Section):
@@ -570,6 +574,8 @@ class RolloutWorkerSpec(Section):
     """Fresh groups in one learner batch (RunConfig.batch_plan): in sync mode the actors fill it together."""
     need_base_logprobs: bool
     """The objective needs the frozen base model's per-token log-probs of every response."""
+    ray_namespace: str = "paceflow"
+    """cluster.namespace: where the run's named actors (the WeightStore) live."""
 
 
 class LearnerSpec(Section):
@@ -589,6 +595,11 @@ class LearnerSpec(Section):
     """Single responses from the success buffer per batch (RunConfig.batch_plan)."""
     torch_threads: int
     """cluster.learner_resources.num_cpus, rounded up."""
+    weight_transport: Literal["filesystem", "object_store"] = "filesystem"
+    """cluster.weight_transport, resolved by the launcher."""
+    weight_store: str = ""
+    """The run's WeightStore actor (object_store transport)."""
+    ray_namespace: str = "paceflow"
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -599,6 +610,11 @@ class RunConfig(Section):
     def replay_namespace(self) -> str:
         """The run's name in shared services: the Redis key prefix suffix, the weights folder."""
         return f"{self.name}-{self.run_id}" if self.run_id else self.name
+
+    @property
+    def weight_store_name(self) -> str:
+        """The run's WeightStore actor (cluster.weight_transport: object_store)."""
+        return f"{self.replay_namespace}-weights"
 
     @property
     def rollouts_need_base_logprobs(self) -> bool:
@@ -630,6 +646,9 @@ class RunConfig(Section):
             main_groups=main,
             success_responses=success,
             torch_threads=max(1, math.ceil(self.cluster.learner_resources.num_cpus)),
+            weight_transport="object_store" if self.cluster.weight_transport == "object_store" else "filesystem",
+            weight_store=self.weight_store_name,
+            ray_namespace=self.cluster.namespace,
         )
 
     def rollout_worker_spec(self) -> RolloutWorkerSpec:
@@ -643,6 +662,7 @@ class RunConfig(Section):
             sync=self.learner.sync,
             batch_groups=self.batch_plan[0],
             need_base_logprobs=self.rollouts_need_base_logprobs,
+            ray_namespace=self.cluster.namespace,
         )
 
     name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")

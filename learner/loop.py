@@ -34,11 +34,12 @@ from learner.deepspeed_engine import PolicyEngine
 from learner.log_partition import LogZHead, ZPhi, accuracy_estimate
 from learner.logprobs import token_logprobs
 from learner.objectives import ObjectiveInputs, compute_objective, tb_log_reward
-from learner.weights import publish_weights
+from learner.weights import announcement, publish_weights
 from replay.handshake import wait_for_batch
 from replay.priority import estimate_error
 from replay.records import SampledBatch
 from replay.store import ReplayStore
+from replay.weight_store import ship
 
 log = logging.getLogger(__name__)
 
@@ -379,15 +380,27 @@ class Learner:
         state = {
             k: v.to(engine_dtype) if v.is_floating_point() else v for k, v in self.engine.full_state_dict().items()
         }
-        weights = publish_weights(
-            module,
-            state,
-            self.weights_root,
-            version=self.version,
-            step=self.step_count,
-            probe=self._probe or ([self.pad_id], [self.pad_id]),
-            engine_dtype=self.cfg.engine_dtype,
-        )
+        probe = self._probe or ([self.pad_id], [self.pad_id])
+        if self.cfg.weight_transport == "object_store":  # any node, no shared path (replay/weight_store.py)
+            path = ship(self.cfg.weight_store, self.cfg.ray_namespace, self.version, state)
+            weights = announcement(
+                module,
+                path,
+                version=self.version,
+                step=self.step_count,
+                probe=probe,
+                engine_dtype=self.cfg.engine_dtype,
+            )
+        else:
+            weights = publish_weights(
+                module,
+                state,
+                self.weights_root,
+                version=self.version,
+                step=self.step_count,
+                probe=probe,
+                engine_dtype=self.cfg.engine_dtype,
+            )
         self.store.announce_weights(weights)
 
     # ----------------------------------------------------------------------------------------- checkpoints

@@ -47,10 +47,17 @@ def publish_weights(
     for old in root.glob("v*"):  # actors may still be loading the last few versions: keep those
         if old.name[1:].isdigit() and int(old.name[1:]) <= version - keep:
             shutil.rmtree(old, ignore_errors=True)
+    return announcement(model, str(final), version=version, step=step, probe=probe, engine_dtype=engine_dtype)
+
+
+def announcement(
+    model: Any, path: str, *, version: int, step: int, probe: tuple[list[int], list[int]], engine_dtype: str
+) -> WeightVersion:
+    """The record actors load a version by: where it is, and the probe that proves an engine holds it."""
     prompt, response = probe
     return WeightVersion(
         version=version,
-        path=str(final),
+        path=path,
         step=step,
         created_at=time.time(),
         probe_prompt=prompt,
