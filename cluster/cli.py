@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from cluster.control import RunUnavailable
 from configs.load import (
     ConfigError,
     load_config,
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # output piped into `head` and closed early
         return 0
-    except (FileNotFoundError, ValueError) as exc:  # missing model or data, bad task data: say what and stop
+    except (FileNotFoundError, ValueError, RunUnavailable) as exc:  # missing model or data, bad task data, no run
         print(f"paceflow {args.command}: {exc}", file=sys.stderr)
         return 1
 
@@ -366,17 +367,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import ray
     from rich.console import Console
 
-    from cluster.control import connect_control, status_table
+    from cluster.control import ask, status_table
 
-    try:
-        control = connect_control(Path(args.run_dir))
-        status = ray.get(control.status.remote(), timeout=30)
-    except (FileNotFoundError, RuntimeError, ConnectionError) as exc:
-        print(f"paceflow status: {exc}", file=sys.stderr)
-        return 1
+    status = ask(Path(args.run_dir), "status")
     if args.json:
         print(json.dumps(status, indent=2, default=str))
     elif not status.get("step"):
@@ -389,16 +384,12 @@ def _status(args: argparse.Namespace) -> int:
 def _scale(args: argparse.Namespace) -> int:
     import ray
 
-    from cluster.control import connect_control
+    from cluster.control import ask
 
     if args.actors < 1:
         raise ConfigError(f"--actors: got {args.actors} (must be >= 1)")
     try:
-        control = connect_control(Path(args.run_dir))
-        want = ray.get(control.set_actors.remote(args.actors), timeout=30)
-    except (FileNotFoundError, RuntimeError, ConnectionError) as exc:
-        print(f"paceflow scale: {exc}", file=sys.stderr)
-        return 1
+        want = ask(Path(args.run_dir), "set_actors", args.actors)
     except ray.exceptions.RayTaskError as exc:  # the control actor refused (a synchronous run, a bad count)
         print(f"paceflow scale: {exc.cause}", file=sys.stderr)
         return 2
@@ -407,15 +398,9 @@ def _scale(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    import ray
+    from cluster.control import ask
 
-    from cluster.control import connect_control
-
-    try:
-        ray.get(connect_control(Path(args.run_dir)).request_stop.remote(), timeout=30)
-    except (FileNotFoundError, RuntimeError, ConnectionError) as exc:
-        print(f"paceflow stop: {exc}", file=sys.stderr)
-        return 1
+    ask(Path(args.run_dir), "request_stop")
     print(f"{args.run_dir}: stopping after the current learner step (checkpoint, final policy, report)")
     return 0
 

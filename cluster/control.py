@@ -39,16 +39,14 @@ class RunControl:
         self._desired = int(n)
         return self._desired
 
-    def desired(self) -> int:
-        return self._desired
+    def requests(self) -> dict[str, Any]:
+        """What the driver is asked to do after its current step: the rollout actor count, and whether to stop."""
+        return {"actors": self._desired, "stop": self._stop}
 
     def request_stop(self) -> None:
         """End the run after the current learner step, as if it had reached learner.num_steps (checkpoint, final
         policy and report included), so that `--resume` continues it."""
         self._stop = True
-
-    def stop_requested(self) -> bool:
-        return self._stop
 
     def publish_status(self, status: dict[str, Any]) -> None:
         self._status = status
@@ -85,17 +83,35 @@ def find_control(run_dir: Path) -> ControlAddress:
     return ControlAddress(str(raw["address"]), str(raw["namespace"]), str(raw["name"]))
 
 
+class RunUnavailable(RuntimeError):
+    """RUN is not a run directory, or its job is not running (any more)."""
+
+
 def connect_control(run_dir: Path) -> Any:
-    """The running job's RunControl handle; a clear error when the run is not running any more."""
+    """The running job's RunControl handle; `RunUnavailable`, saying why, when there is none to reach."""
     import ray
 
-    where = find_control(run_dir)
-    if not ray.is_initialized():
-        ray.init(address=where.address, namespace=where.namespace, log_to_driver=False)
     try:
+        where = find_control(run_dir)
+    except FileNotFoundError as exc:
+        raise RunUnavailable(str(exc)) from None
+    try:
+        if not ray.is_initialized():
+            ray.init(address=where.address, namespace=where.namespace, log_to_driver=False)
         return ray.get_actor(where.name, namespace=where.namespace)
+    except ConnectionError as exc:
+        raise RunUnavailable(f"{run_dir}: cannot reach the run's Ray cluster at {where.address} ({exc})") from None
     except ValueError:
-        raise RuntimeError(f"{run_dir}: the run is not running (no actor {where.name!r} at {where.address})") from None
+        raise RunUnavailable(
+            f"{run_dir}: the run is not running (no actor {where.name!r} at {where.address})"
+        ) from None
+
+
+def ask(run_dir: Path, method: str, *args: Any, timeout_s: float = 30.0) -> Any:
+    """Call RunControl.<method>(*args) of the job running in `run_dir` and return its answer."""
+    import ray
+
+    return ray.get(getattr(connect_control(run_dir), method).remote(*args), timeout=timeout_s)
 
 
 def status_table(status: dict[str, Any]) -> Any:

@@ -27,7 +27,7 @@ from actors.scheduler import start_scheduler_server
 from actors.tasks import build_task
 from cluster.control import start_control
 from cluster.evaluate import estimates_to_json, pick_engine, results_from_json, start_evaluator, summarize
-from cluster.metrics import MetricsServer, RunMetrics
+from cluster.metrics import MetricsServer, Poller, RunMetrics
 from cluster.models import resolve_model_dir
 from configs.load import to_yaml
 from configs.schema import RunConfig
@@ -93,13 +93,13 @@ def train(
         f"{cfg.cluster.num_rollout_actors} rollout actor(s) ({cfg.rollout.engine.kind}), replay {cfg.replay.kind}, "
         f"{num_steps} steps -> {run_dir}"
     )
-    exporter = _start_metrics(cfg, run, run_dir, console)
+    metrics = RunMetrics(cfg.name)
+    poller = Poller(cfg.metrics.poll_s, lambda: _poll(run, metrics))  # one read of actors and replay for all
+    exporter = _serve_metrics(cfg, metrics, run_dir, console)
     try:
-        metrics = exporter.metrics if exporter is not None else None
         with RunRecorder(cfg, run_dir, run.store, resumed=run.steps_done > 0, metrics=metrics) as recorder:
-            _drive(
-                cfg, run, recorder, range(run.steps_done + 1, num_steps + 1), console, run_dir / "checkpoint", summary
-            )
+            steps = range(run.steps_done + 1, num_steps + 1)
+            _drive(cfg, run, recorder, metrics, steps, console, run_dir / "checkpoint", summary)
         summary.steps, summary.evals = recorder.steps, recorder.evals
         _stop_actors(run.actors, summary)  # first, so the checkpoint holds every group they finished
         _checkpoint(cfg, run, run_dir / "checkpoint")
@@ -109,6 +109,7 @@ def train(
         if not summary.actor_counters:
             _stop_actors(run.actors, summary)
         summary.replay_stats = asdict(run.store.stats())
+        poller.close()
         if exporter is not None:
             exporter.close()
         run.stop()
@@ -117,19 +118,19 @@ def train(
     return summary
 
 
-def _start_metrics(cfg: RunConfig, run: RunProcesses, run_dir: Path, console: Console) -> MetricsServer | None:
-    """The run's Prometheus endpoint (cluster/metrics.py), fed by the recorder and by polling actors and replay."""
-    if not cfg.metrics.enabled:
-        return None
+def _poll(run: RunProcesses, metrics: RunMetrics) -> None:
+    """Every actor's counters and the replay's statistics, for the endpoint and for `paceflow status`."""
     import ray
 
-    metrics = RunMetrics(cfg.name)
+    metrics.observe_actors(ray.get([a.counters.remote() for a in list(run.actors)], timeout=30))
+    metrics.observe_replay(asdict(run.store.stats()))
 
-    def poll() -> None:
-        metrics.observe_actors(ray.get([a.counters.remote() for a in list(run.actors)], timeout=30))
-        metrics.observe_replay(asdict(run.store.stats()))
 
-    exporter = MetricsServer(cfg.metrics, metrics, poll)
+def _serve_metrics(cfg: RunConfig, metrics: RunMetrics, run_dir: Path, console: Console) -> MetricsServer | None:
+    """The run's Prometheus endpoint (cluster/metrics.py), unless metrics.enabled is off."""
+    if not cfg.metrics.enabled:
+        return None
+    exporter = MetricsServer(cfg.metrics, metrics)
     (run_dir / "metrics_url.txt").write_text(exporter.url + "\n")
     console.print(f"metrics: {exporter.url} (Prometheus; dashboards in cluster/grafana/)")
     return exporter
@@ -183,8 +184,8 @@ class RunProcesses:
     steps_done: int
     """Learner steps already taken (a resumed run)."""
     model_dir: Path
-    control: Any = None
-    """The run's RunControl (cluster/control.py): `paceflow scale` and `paceflow status` talk to it."""
+    control: Any
+    """The run's RunControl (cluster/control.py): `paceflow scale`, `status` and `stop` talk to it."""
     started_actors: int = 0
     """Rollout actors started so far (new ones get the next index, so ids are never reused)."""
     weight_store: Any = None
@@ -199,14 +200,11 @@ class RunProcesses:
         )
         self.started_actors += 1
 
-    def rescale(self, cfg: RunConfig, summary: TrainSummary) -> None:
+    def rescale(self, cfg: RunConfig, want: int, summary: TrainSummary) -> None:
         """Start or stop rollout actors to the count `paceflow scale` asked for. A stopped actor finishes its
         current step first, so every group it made is in the replay; its counters go into the summary."""
-        if self.control is None:
-            return
         import ray
 
-        want = int(ray.get(self.control.desired.remote()))
         while len(self.actors) < want:
             self.start_actor(cfg)
         if len(self.actors) > want:
@@ -307,7 +305,7 @@ class RunRecorder:
     and evals.jsonl (held-out evaluations with per-prompt results). A resumed run appends."""
 
     def __init__(
-        self, cfg: RunConfig, run_dir: Path, store: ReplayStore, *, resumed: bool, metrics: RunMetrics | None = None
+        self, cfg: RunConfig, run_dir: Path, store: ReplayStore, *, resumed: bool, metrics: RunMetrics
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -342,8 +340,7 @@ class RunRecorder:
         result["tokens_per_s"] = sum(r["tokens"] for r in self.steps) / elapsed
         result["rollouts"] = self.rollouts()
         self._write("metrics", result)
-        if self.metrics is not None:
-            self.metrics.observe_step(result)
+        self.metrics.observe_step(result)
         return result
 
     def evaluation(self, step: int, version: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -360,8 +357,7 @@ class RunRecorder:
         }
         self._write("evals", {**record, "per_prompt": rows})
         self.evals.append(record)
-        if self.metrics is not None:
-            self.metrics.observe_eval(record)
+        self.metrics.observe_eval(record)
         return record
 
     def _write(self, name: str, row: dict[str, Any]) -> None:
@@ -405,6 +401,7 @@ def _drive(
     cfg: RunConfig,
     run: RunProcesses,
     recorder: RunRecorder,
+    metrics: RunMetrics,
     steps: range,
     console: Console,
     checkpoint_dir: Path,
@@ -442,22 +439,22 @@ def _drive(
                 _checkpoint(cfg, run, checkpoint_dir)
             if step % cfg.metrics.log_every_steps == 0 or step == num_steps:
                 live.update(_progress(recorder, num_steps, cfg))
-            _publish_status(cfg, run, recorder, num_steps)
-            if run.control is not None and ray.get(run.control.stop_requested.remote()):
+            _publish_status(cfg, run, recorder, metrics, num_steps)
+            asked = ray.get(run.control.requests.remote())
+            if asked["stop"]:
                 console.print(f"stopping after step {step} as asked (paceflow stop); resume with --resume")
                 break
             if step < num_steps:
-                run.rescale(cfg, summary)
+                run.rescale(cfg, int(asked["actors"]), summary)
     console.print()
 
 
-def _publish_status(cfg: RunConfig, run: RunProcesses, recorder: RunRecorder, num_steps: int) -> None:
-    """What `paceflow status` shows: the last step, every actor's counters, the replay."""
-    if run.control is None:
-        return
-    import ray
-
+def _publish_status(
+    cfg: RunConfig, run: RunProcesses, recorder: RunRecorder, metrics: RunMetrics, num_steps: int
+) -> None:
+    """What `paceflow status` shows: the last step, and the actors and replay as last polled."""
     r = recorder.steps[-1]
+    actors, replay = metrics.latest()
     status = {
         "name": cfg.name,
         "step": r["step"],
@@ -472,8 +469,8 @@ def _publish_status(cfg: RunConfig, run: RunProcesses, recorder: RunRecorder, nu
         "wait_s": r["wait_s"],
         "samples_per_s": r["samples_per_s"],
         "tokens_per_s": r["tokens_per_s"],
-        "actors": ray.get([a.counters.remote() for a in run.actors], timeout=60),
-        "replay": asdict(run.store.stats()),
+        "actors": actors,
+        "replay": replay,
     }
     run.control.publish_status.remote(status)
 

@@ -1,4 +1,5 @@
-"""The run's Prometheus endpoint: every component's numbers, served by the driver.
+"""The run's numbers as the driver sees them (`RunMetrics`), its Prometheus endpoint, and the poll that feeds both
+the endpoint and `paceflow status`.
 
 Why prometheus-client in the driver rather than Ray's metrics API in every process: the driver already receives
 every number that matters, as the same records that go to metrics.jsonl (each learner step's result, each
@@ -15,6 +16,7 @@ series carries `run` (the run's name); per-actor series carry `actor`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -82,6 +84,11 @@ class RunMetrics:
     def observe_replay(self, stats: Mapping[str, Any]) -> None:
         with self._lock:
             self._replay = dict(stats)
+
+    def latest(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The last polled actor counters and replay statistics (also what `paceflow status` shows)."""
+        with self._lock:
+            return [dict(c) for c in self._actors], dict(self._replay)
 
     def observe_eval(self, record: Mapping[str, Any]) -> None:
         with self._lock:
@@ -193,27 +200,38 @@ class RunMetrics:
             yield family
 
 
-class MetricsServer:
-    """`RunMetrics` behind an HTTP endpoint, plus a thread that polls `poll()` every `cfg.poll_s`."""
+class Poller:
+    """Calls `poll()` at once and then every `interval_s` on a daemon thread until closed. A failing poll (a dead
+    actor, a restarting Redis) is skipped: the next one tries again."""
 
-    def __init__(self, cfg: MetricsConfig, metrics: RunMetrics, poll: Callable[[], None]) -> None:
+    def __init__(self, interval_s: float, poll: Callable[[], None]) -> None:
+        self._poll, self._interval_s = poll, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="run-poll", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                self._poll()
+            if self._stop.wait(self._interval_s):
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._interval_s + 5)
+
+
+class MetricsServer:
+    """`RunMetrics` behind an HTTP endpoint at http://cfg.host:cfg.port/metrics."""
+
+    def __init__(self, cfg: MetricsConfig, metrics: RunMetrics) -> None:
         self.metrics = metrics
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(metrics)  # a collector: it has collect()
         self._server, self._thread = start_http_server(cfg.port, addr=cfg.host, registry=self.registry)
         self.port = int(self._server.server_port)
         self.url = f"http://{cfg.host}:{self.port}/metrics"
-        self._stop = threading.Event()
-        self._poll, self._poll_s = poll, cfg.poll_s
-        self._poller = threading.Thread(target=self._loop, name="metrics-poll", daemon=True)
-        self._poller.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._poll_s):
-            try:
-                self._poll()
-            except Exception:  # a dead actor or a restarting Redis must not stop the exporter
-                continue
 
     def close(self, final_scrape_wait_s: float = 30.0) -> None:
         """Stop serving; if a scraper has been reading the endpoint, first give it the chance to read the final
@@ -223,7 +241,5 @@ class MetricsServer:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        self._stop.set()
-        self._poller.join(timeout=self._poll_s + 5)
         self._server.shutdown()
         self._server.server_close()

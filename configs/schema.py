@@ -536,7 +536,8 @@ class MetricsConfig(Section):
     port: int = Field(0, ge=0, le=65535)
     """Prometheus port; 0 picks a free one (printed at start and written to the run directory)."""
     poll_s: float = Field(2.0, gt=0.0, le=300.0)
-    """How often the driver reads the actors' counters and the replay's statistics for the endpoint."""
+    """How often the driver reads the actors' counters and the replay's statistics (for the endpoint and for
+    `paceflow status`), whether or not the endpoint is served."""
     log_every_steps: int = Field(1, ge=1)
     """Console/progress update interval in learner steps."""
 
