@@ -202,12 +202,19 @@ class MemoryStore:
 
     # ----------------------------------------------------------------------------------------- reading
     def sample(self, num_groups: int, *, num_success: int = 0, seed: int | None = None) -> SampledBatch:
-        batch = decode_draw(self.draw(num_groups, seed=seed), quarantine=self.quarantine_key)
-        if num_success and self.success is not None:
-            success_seed = None if seed is None else seed + 1
-            draw = self.success.draw(num_success, seed=success_seed)
-            batch = batch.extended(decode_draw(draw, quarantine=self.success.quarantine_key))
+        main, *replayed = self.draws(num_groups, num_success=num_success, seed=seed)
+        batch = decode_draw(main, quarantine=self.quarantine_key)
+        if replayed and self.success is not None:
+            batch = batch.extended(decode_draw(replayed[0], quarantine=self.success.quarantine_key))
         return batch
+
+    def draws(self, num_groups: int, *, num_success: int = 0, seed: int | None = None) -> list[Draw]:
+        """The main table's draw, then the success buffer's when asked for (seeded one apart), still encoded:
+        `sample` decodes them here, `ReplayServer` ships them to another process."""
+        out = [self.draw(num_groups, seed=seed)]
+        if num_success and self.success is not None:
+            out.append(self.success.draw(num_success, seed=None if seed is None else seed + 1))
+        return out
 
     def draw(self, num_groups: int, *, seed: int | None = None) -> Draw:
         """Pick a batch without decoding it. `sample` decodes; `ReplayServer` ships the bytes to another process."""

@@ -61,10 +61,7 @@ class ReplayServer:
 
     def draw(self, num_groups: int, seed: int | None, num_success: int = 0) -> list[dict[str, Any]]:
         """The main table's draw, then the success buffer's if asked for, still encoded (`Draw.to_wire`)."""
-        draws = [self.store.draw(num_groups, seed=seed)]
-        if num_success and self.store.success is not None:
-            draws.append(self.store.success.draw(num_success, seed=None if seed is None else seed + 1))
-        return [d.to_wire() for d in draws]
+        return [d.to_wire() for d in self.store.draws(num_groups, num_success=num_success, seed=seed)]
 
     def quarantine_key(self, key: str, success: bool = False) -> None:
         table = self.store.success if success else self.store
