@@ -338,13 +338,17 @@ class Learner:
             **informative_counts(outcomes),
         }
         if isinstance(self.log_z, ZPhi):
-            recent = [a for step in self._recent_accuracy for a in step]
-            metrics.update(calibration_metrics(outcomes, sum(recent) / len(recent) if recent else None))
+            metrics.update(calibration_metrics(outcomes, self._recent_mean_accuracy()))
         self._recent_accuracy.append([o.accuracy for o in outcomes])
-        recent = [a for step in self._recent_accuracy for a in step]
-        if isinstance(self.log_z, ZPhi) and recent:  # the level of a(x) for the next prompts (see ZPhi)
-            self.log_z.set_offset(sum(recent) / len(recent))
+        recent = self._recent_mean_accuracy()
+        if isinstance(self.log_z, ZPhi) and recent is not None:  # the level of a(x) for the next prompts (see ZPhi)
+            self.log_z.set_offset(recent)
         return metrics
+
+    def _recent_mean_accuracy(self) -> float | None:
+        """Mean accuracy of the fresh groups of the last CONSTANT_WINDOW_STEPS steps (None before any)."""
+        recent = [a for step in self._recent_accuracy for a in step]
+        return sum(recent) / len(recent) if recent else None
 
     def _write_back(self, batch: TrainBatch, deltas: Tensor) -> None:
         """PACED-RL: a(x) for every embedded training prompt (the scheduler ranks candidates with them) and the
