@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +33,7 @@ from configs.schema import RolloutWorkerSpec, RunConfig
 from replay.handshake import wait_for_turn
 from replay.records import RolloutGroup, WeightVersion
 from replay.store import ReplayStore, connect_store
-from replay.weight_store import fetch, is_object_uri
+from replay.weight_store import VersionReplaced, load_published
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +96,6 @@ class RolloutWorker:
         self.counters = WorkerCounters()
         self._token_cache: dict[str, list[int]] = {}
         self._steps_at_version = 0
-        self._local_weights: Path | None = None
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(
@@ -186,30 +183,19 @@ class RolloutWorker:
         latest = self.store.latest_weights()
         if latest is None or latest.version <= self.engine.weight_version:
             return False
-        local = Path(latest.path)
-        if is_object_uri(latest.path):  # from Ray's object store into a directory of this process's own
-            try:
-                local = fetch(latest.path, self.spec.ray_namespace, self._weights_dir())
-            except FileNotFoundError:  # a newer version replaced it meanwhile: take that one at the next step
-                return False
-        self.engine.load_weights(local, latest.version)
+        try:
+            load_published(latest.path, self.spec.ray_namespace, lambda d: self.engine.load_weights(d, latest.version))
+        except VersionReplaced:  # a newer version replaced it meanwhile: take that one at the next step
+            return False
         verify_weights(self, latest)
         self._steps_at_version = 0
         self.counters.weight_updates += 1
         self.counters.weight_version = latest.version
         return True
 
-    def _weights_dir(self) -> Path:
-        if self._local_weights is None:
-            shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
-            self._local_weights = Path(tempfile.mkdtemp(prefix=f"paceflow-{self.actor_id}-", dir=shm))
-        return self._local_weights
-
     def close(self) -> None:
         self.rewards.close()
         self.engine.close()
-        if self._local_weights is not None:
-            shutil.rmtree(self._local_weights, ignore_errors=True)
 
 
 def verify_weights(worker: RolloutWorker, weights: WeightVersion) -> None:

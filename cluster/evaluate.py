@@ -18,7 +18,6 @@ by prompt (`paired_difference`), which removes the prompts' own difficulty from 
 from __future__ import annotations
 
 import math
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ from typing import Any
 from actors.engines.base import Engine
 from actors.tasks import Prompt, Task, encode_prompt
 from configs.schema import RunConfig, SamplingConfig
-from replay.weight_store import fetch, is_object_uri
+from replay.weight_store import load_published
 
 DISTINCT_N = (1, 2, 3, 4)
 
@@ -249,10 +248,8 @@ class Evaluator:
         """Results (as JSON-ready dicts) of the weights in `weights_dir`, or of the base model when None."""
         target = weights_dir or self.model_dir
         if target != self.loaded:
-            local = Path(target)
-            if is_object_uri(target):
-                local = fetch(target, self.cfg.cluster.namespace, Path(tempfile.mkdtemp(prefix="paceflow-eval-")))
-            self.engine.load_weights(local, version=self.engine.weight_version + 1)
+            version = self.engine.weight_version + 1
+            load_published(target, self.cfg.cluster.namespace, lambda d: self.engine.load_weights(d, version))
             self.loaded = target
         prompts = self.task.eval[:num_prompts]
         sampling = eval_sampling(self.cfg, num_samples, temperature)

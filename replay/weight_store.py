@@ -4,16 +4,16 @@ On one machine the learner writes each version to shared memory and actors read 
 Across nodes that directory is not there, so with `cluster.weight_transport: object_store` (the default when the
 run joins a cluster) the learner serialises the policy once as safetensors bytes, puts them into Ray's object
 store and registers the reference with the run's `WeightStore` actor; the announcement's path is then
-`ray-object://<store name>/<version>`. An actor on any node fetches the bytes (Ray moves them between nodes),
-writes them to a directory of its own and loads that like any other version; the probe check is unchanged.
+`ray-object://<store name>/<version>`. An actor on any node fetches the bytes (Ray moves them between nodes) and
+loads them through a temporary directory of its own (`load_published`); the probe check is unchanged.
 
 Only bytes cross: safetensors is a plain tensor format (a JSON header and raw buffers), never pickle.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,25 +66,30 @@ def ship(store_name: str, namespace: str, version: int, state_dict: dict[str, An
     return f"{SCHEME}{store_name}/{version}"
 
 
-def fetch(uri: str, namespace: str, local_root: Path, keep: int = 2) -> Path:
-    """Actor side: the version's bytes from the object store, written to a directory under `local_root` (this
-    process's own); returns that directory. Older local versions beyond `keep` are removed."""
+class VersionReplaced(FileNotFoundError):
+    """The announced version left the WeightStore before it was fetched (a newer one replaced it)."""
+
+
+def load_published(path: str, namespace: str, load: Callable[[Path], None]) -> None:
+    """Hand an announced version to `load` as a directory: a published directory as is, or, for an object-store
+    version, its bytes in a temporary directory of this process's own (shared memory when there is one),
+    removed as soon as `load` returns: the engine holds the weights then, and nothing accumulates on the node."""
+    if not is_object_uri(path):
+        load(Path(path))
+        return
+    data = _fetch(path, namespace)
+    shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="paceflow-weights-", dir=shm) as tmp:
+        (Path(tmp) / "model.safetensors").write_bytes(data)
+        load(Path(tmp))
+
+
+def _fetch(uri: str, namespace: str) -> bytes:
     import ray
 
     store_name, _, version_text = uri.removeprefix(SCHEME).rpartition("/")
     version = int(version_text)
-    handle = ray.get_actor(store_name, namespace=namespace)
-    refs = ray.get(handle.get.remote(version))
+    refs = ray.get(ray.get_actor(store_name, namespace=namespace).get.remote(version))
     if refs is None:
-        raise FileNotFoundError(f"{uri}: version {version} is no longer in the weight store (a newer one replaced it)")
-    data = ray.get(refs[0])
-    final = local_root / f"v{version}"
-    tmp = local_root / f".v{version}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "model.safetensors").write_bytes(data)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    for old in local_root.glob("v*"):
-        if old.name[1:].isdigit() and int(old.name[1:]) <= version - keep:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+        raise VersionReplaced(f"{uri}: version {version} is no longer in the weight store (a newer one replaced it)")
+    return bytes(ray.get(refs[0]))
