@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,7 +25,7 @@ from rich.table import Table
 
 from actors.rollout_worker import start_rollout_actor
 from actors.scheduler import start_scheduler_server
-from actors.tasks import build_task
+from actors.tasks import Prompt, build_task
 from cluster.control import start_control
 from cluster.evaluate import estimates_to_json, pick_engine, results_from_json, start_evaluator, summarize
 from cluster.metrics import MetricsServer, Poller, RunMetrics
@@ -37,14 +38,14 @@ from replay.store import ReplayStore, build_store
 from replay.weight_store import start_weight_store
 
 
-def training_prompt_tokens(cfg: RunConfig, model_dir: Path) -> dict[str, list[int]]:
-    """Every training prompt's token ids, exactly as the rollout actors encode them."""
+def training_prompt_tokens(cfg: RunConfig, model_dir: Path, prompts: Sequence[Prompt]) -> dict[str, list[int]]:
+    """The training prompts' token ids, exactly as the rollout actors encode them."""
     from transformers import AutoTokenizer
 
     from actors.tasks import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return {p.prompt_id: encode_prompt(tokenizer, p.text, cfg.tokenizer) for p in build_task(cfg.task).train}
+    return {p.prompt_id: encode_prompt(tokenizer, p.text, cfg.tokenizer) for p in prompts}
 
 
 @dataclass
@@ -84,7 +85,7 @@ def train(
     for note in task.warnings:
         console.print(f"[yellow]warning[/] {note}")
     with console.status("Starting Ray, the replay, the learner, the rollout actors and the evaluator..."):
-        run = start_processes(cfg, model_dir, [p.prompt_id for p in task.train], checkpoint, run_dir)
+        run = start_processes(cfg, model_dir, task.train, checkpoint, run_dir)
     _warn_if_unschedulable(cfg, console)
     summary = TrainSummary(run_dir=run_dir)
     num_steps = min(cfg.learner.num_steps, run.steps_done + (max_steps or cfg.learner.num_steps))
@@ -225,7 +226,7 @@ class RunProcesses:
 
 
 def start_processes(
-    cfg: RunConfig, model_dir: Path, prompt_ids: list[str], checkpoint: Path | None, run_dir: Path
+    cfg: RunConfig, model_dir: Path, train_prompts: Sequence[Prompt], checkpoint: Path | None, run_dir: Path
 ) -> RunProcesses:
     """Ray, then the run's control actor (control.json in `run_dir`), the replay, the prompt scheduler, the
     learner, the rollout actors and the evaluator, each built from its own part of the config (restored from
@@ -251,13 +252,13 @@ def start_processes(
         )
     store = RemoteStore(server) if server is not None else build_store(cfg.replay, run_name=cfg.replay_namespace)
     weights_root = _weights_root(cfg)
-    scheduler = start_scheduler_server(cfg, prompt_ids, server)
+    scheduler = start_scheduler_server(cfg, [p.prompt_id for p in train_prompts], server)
     if checkpoint is not None:
         ray.get(scheduler.restore.remote(json.loads((checkpoint / "scheduler.json").read_text())))
     weight_store = None
     if cfg.cluster.weight_transport == "object_store":
         weight_store = start_weight_store(cfg.weight_store_name, cfg.cluster.namespace)
-    prompts = training_prompt_tokens(cfg, model_dir) if cfg.objective.kind == "paced" else None
+    prompts = training_prompt_tokens(cfg, model_dir, train_prompts) if cfg.objective.kind == "paced" else None
     learner = start_learner(cfg, model_dir, server, weights_root, prompts=prompts, resume=checkpoint)
     done = ray.get(learner.step_count.remote())  # also waits for a resumed learner to re-publish its weights
     evaluator = start_evaluator(cfg, model_dir, pick_engine(cfg.rollout.engine.kind)) if cfg.eval.every_steps else None
