@@ -30,9 +30,9 @@ from actors.engines.base import Engine, build_engine
 from actors.scoring import BaseModelScorer, RewardScorer
 from actors.tasks import Prompt, build_task, encode_prompt
 from configs.schema import RolloutWorkerSpec, RunConfig
-from replay.handshake import wait_for_turn
+from replay.handshake import wait_for_room, wait_for_turn
 from replay.records import RolloutGroup, WeightVersion
-from replay.store import ReplayStore, connect_store
+from replay.store import ReplayStore, connect_store, split_batch
 from replay.weight_store import VersionReplaced, load_published
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class WorkerCounters:
     generate_s: float = 0.0
     last_generate_s: float = 0.0
     """Seconds of the last engine call (the generation latency of one batch of prompts)."""
+    wait_s: float = 0.0
+    """Seconds spent waiting: on the rate limit (rollout.max_ahead_batches) or, synchronous, for its turn."""
 
 
 class RolloutWorker:
@@ -104,16 +106,27 @@ class RolloutWorker:
         """Loop until `stop` is set (after the current step). In synchronous mode the loop also ends by itself once
         it has produced the batch for `last_version()`, so a run that stops leaves no half-consumed batch."""
         sync = self.spec.sync
+        ahead = self.cfg.max_ahead_batches
+        # In units of what one learner batch takes fresh, so the backlog drains at the pace it is consumed.
+        fresh_per_batch = max(1, split_batch(self.spec.batch_groups, self.spec.replay.fresh_fraction)[0])
+        max_fresh = max(1, math.ceil(ahead * fresh_per_batch)) if ahead is not None else None
         used = -1  # the weight version of this worker's last batch
         while not stop.is_set() and (max_steps is None or self.counters.steps < max_steps):
             if sync:
                 final = last_version()
                 if final is not None and used >= final:
                     return
-                if not wait_for_turn(
+                start = time.monotonic()
+                turn = wait_for_turn(
                     self.store, after_version=used, batch_groups=self.spec.batch_groups, stop=stop, timeout_s=1.0
-                ):
+                )
+                self.counters.wait_s += time.monotonic() - start
+                if not turn:
                     continue  # look at `stop` and the last version again
+            elif max_fresh is not None:
+                self.counters.wait_s += wait_for_room(self.store, max_fresh=max_fresh, stop=stop)
+                if stop.is_set():
+                    return
             self.step()
             used = self.engine.weight_version
 
@@ -184,7 +197,12 @@ class RolloutWorker:
         if latest is None or latest.version <= self.engine.weight_version:
             return False
         try:
-            load_published(latest.path, self.spec.ray_namespace, lambda d: self.engine.load_weights(d, latest.version))
+            load_published(
+                latest.path,
+                self.spec.ray_namespace,
+                lambda d: self.engine.load_weights(d, latest.version),
+                version=latest.version,
+            )
         except VersionReplaced:  # a newer version replaced it meanwhile: take that one at the next step
             return False
         verify_weights(self, latest)

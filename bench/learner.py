@@ -1,14 +1,16 @@
 """Learner throughput: a TB step through paceflow's learner path vs a plain causal-LM cross-entropy step on the
-same tokens with the same DeepSpeed engine, and weight publishing vs a raw state-dict copy. Prints JSON.
+same tokens with the same DeepSpeed engine, in float32 and in bfloat16 (learner.dtype), the loss curve of a few
+TB steps in both, and weight publishing vs a raw state-dict copy. Prints JSON.
 
     .venv/bin/python bench/learner.py                  # tiny model and SmolLM2-135M
     .venv/bin/python bench/learner.py --models tiny
 
 Both steps see identical batches (groups of G responses padded to the same width) and both run forward, backward
 and an AdamW step under DeepSpeed ZeRO-0 on CPU; tokens/s counts non-padding tokens. The TB step adds the log Z
-head, the objective and the float32 log-prob sums; the target is >= 0.9x the plain step. Publishing writes a
-safetensors version to shared memory and computes the probe; the baseline is `{k: v.clone()}` of the state dict
-(target <= 2x).
+head, the objective and the float32 log-prob sums; the target is >= 0.9x the plain step. Publishing copies the
+policy, cast to the engine dtype, into a preallocated shared-memory slot (learner/weights.py: WeightSlots); the
+baseline is `{k: v.clone()}` of the state dict (target <= 2x). The announcement's probe (one short forward pass)
+and the directory-per-version path (save_pretrained; shared filesystems) are timed beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import run_per_model
@@ -38,20 +41,12 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 
 def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from configs.schema import LearnerConfig, TBObjectiveConfig
     from learner.batching import collate
-    from learner.deepspeed_engine import PolicyEngine
-    from learner.log_partition import LogZHead
-    from learner.logprobs import token_logprobs
-    from learner.objectives import ObjectiveInputs, tb_log_reward, tb_loss
-    from learner.weights import publish_weights
     from replay.records import RolloutGroup, SampledBatch
 
     gen = torch.Generator().manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    vocab = model.config.vocab_size
+    vocab = _vocab_size(model_dir)
     groups = [
         RolloutGroup.new(
             prompt_id=f"p{i}",
@@ -65,13 +60,59 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
         for i in range(args.groups)
     ]
     batch = collate(SampledBatch.of_fresh(groups), pad_id=0, current_version=0, drop_invalid_rewards=True)
-    cfg = LearnerConfig(lr=1e-5, groups_per_step=args.groups, micro_batch_size=batch.num_rows)
+    row: dict[str, Any] = {
+        "model": name,
+        "batch": f"{args.groups} groups x {args.g} responses, {args.prompt_tokens}+{args.response_tokens} tokens",
+        "tokens_per_step": batch.num_tokens,
+    }
+    curves = {}
+    for dtype in args.dtypes:
+        tag = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+        result = _bench_dtype(model_dir, batch, dtype, args)
+        row["parameters"] = result.pop("parameters")
+        curves[tag] = result.pop("loss_curve")
+        row.update({f"{tag}_{k}": v for k, v in result.items()})
+    if "fp32" in curves and "bf16" in curves:
+        row["bf16_vs_fp32_tb_tok_s"] = round(row["bf16_tb_step_tok_s"] / row["fp32_tb_step_tok_s"], 2)
+        # The same TB steps on the same batch from the same initial weights: how far bfloat16 strays from
+        # float32, against how far the loss itself moves over those steps.
+        row["loss_curve_fp32"] = curves["fp32"]
+        row["loss_curve_bf16"] = curves["bf16"]
+        gaps = [abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"], strict=True)]
+        row["loss_curve_max_abs_diff"] = round(max(gaps), 4)
+        row["loss_curve_range_fp32"] = round(max(curves["fp32"]) - min(curves["fp32"]), 4)
+    return row
+
+
+def _vocab_size(model_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_dir).vocab_size)
+
+
+def _bench_dtype(model_dir: Path, batch: Any, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One engine in `dtype` (DeepSpeed bf16 = bf16 weights and arithmetic, fp32 master weights in the
+    optimizer): plain CE step vs TB step, a short TB loss curve from the initial weights, and publishing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from configs.dtypes import torch_dtype
+    from configs.schema import LearnerConfig, TBObjectiveConfig
+    from learner.deepspeed_engine import PolicyEngine
+    from learner.log_partition import LogZHead
+    from learner.logprobs import token_logprobs
+    from learner.objectives import ObjectiveInputs, tb_log_reward, tb_loss
+    from learner.weights import WeightSlots, announcement, publish_weights
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
+    cfg = LearnerConfig(lr=args.lr, groups_per_step=args.groups, micro_batch_size=batch.num_rows, dtype=dtype)
     engine = PolicyEngine(model, cfg)
-    head = LogZHead(model.config.hidden_size)
+    head = LogZHead(model.config.hidden_size)  # float32, as in the learner
     head_opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     objective = TBObjectiveConfig(use_reference=False)
 
-    def tb_step() -> None:
+    def tb_step() -> float:
         logp, hidden = token_logprobs(
             engine.module, batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT, return_hidden=True
         )
@@ -80,12 +121,14 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
             mask_BT=batch.response_mask_BT,
             group_B=batch.group_B,
             log_reward_B=tb_log_reward(batch.reward_B, objective.beta),
-            log_z_B=head(hidden, batch.prompt_mask_BT),
+            log_z_B=head(hidden.float(), batch.prompt_mask_BT),  # type: ignore[union-attr]  # return_hidden
         )
-        engine.backward(tb_loss(inputs, objective).loss, last=True)
+        loss = tb_loss(inputs, objective).loss
+        engine.backward(loss, last=True)
         engine.step()
         head_opt.step()
         head_opt.zero_grad()
+        return float(loss.detach())
 
     def ce_step() -> None:
         labels = batch.input_ids_BT.masked_fill(batch.response_mask_BT == 0, -100)
@@ -93,6 +136,7 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
         engine.backward(out.loss, last=True)
         engine.step()
 
+    curve = [round(tb_step(), 4) for _ in range(args.curve_steps)]  # first, from the initial weights
     tokens = batch.num_tokens
     ce_s, tb_s = best_of(ce_step, args.repeats), best_of(tb_step, args.repeats)
     state = engine.full_state_dict()
@@ -100,31 +144,32 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
     root = Path(tempfile.mkdtemp(prefix="paceflow-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     version = iter(range(1, 1000))
     probe = (batch.input_ids_BT[0, : args.prompt_tokens].tolist(), batch.input_ids_BT[0, args.prompt_tokens :].tolist())
+    slots = WeightSlots(root / "slots", dtype=torch_dtype(dtype))
+    # The hand-over itself (what the issue's target is about): the policy copied, cast, into a shared-memory slot.
+    publish_s = best_of(lambda: slots.publish(engine.full_state_dict(), next(version)), args.repeats)
+    # The announcement's teacher-forced probe: one short forward pass, timed on its own.
+    probe_s = best_of(
+        lambda: announcement(engine.module, "", version=0, step=0, probe=probe, engine_dtype=dtype), args.repeats
+    )
 
-    def publish() -> None:
-        publish_weights(
-            engine.module,
-            engine.full_state_dict(),
-            root,
-            version=next(version),
-            step=0,
-            probe=probe,
-            engine_dtype="float32",
-        )
+    def directory_per_version() -> None:  # the shared-filesystem transport, and the old single-machine path
+        state = {k: v.to(torch_dtype(dtype)) for k, v in engine.full_state_dict().items()}
+        publish_weights(engine.module, state, root / "dirs", version=next(version))
 
-    publish_s = best_of(publish, args.repeats)
+    directory_s = best_of(directory_per_version, args.repeats)
     shutil.rmtree(root, ignore_errors=True)
     return {
-        "model": name,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "batch": f"{args.groups} groups x {args.g} responses, {args.prompt_tokens}+{args.response_tokens} tokens",
-        "tokens_per_step": tokens,
         "ce_step_tok_s": round(tokens / ce_s, 1),
         "tb_step_tok_s": round(tokens / tb_s, 1),
         "tb_vs_ce": round(ce_s / tb_s, 3),
-        "publish_s": round(publish_s, 4),
         "raw_state_dict_copy_s": round(raw_s, 4),
+        "publish_shared_memory_s": round(publish_s, 4),
         "publish_vs_raw_copy": round(publish_s / raw_s, 2),
+        "probe_s": round(probe_s, 4),
+        "publish_directory_s": round(directory_s, 4),
+        "publish_directory_vs_raw_copy": round(directory_s / raw_s, 2),
+        "loss_curve": curve,
     }
 
 
@@ -136,6 +181,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--response-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--curve-steps", type=int, default=6, help="TB steps of the loss curve compared across dtypes")
+    parser.add_argument("--lr", type=float, default=1e-5)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 

@@ -139,10 +139,11 @@ def status_table(status: dict[str, Any]) -> Any:
     replay_line = (
         f"replay: {replay.get('size', 0)} groups ({replay.get('fresh', 0)} fresh), "
         f"{replay.get('inserted', 0)} inserted, {replay.get('sampled', 0)} sampled, "
-        f"{replay.get('evicted_stale', 0)} stale + {replay.get('evicted_capacity', 0)} over capacity evicted, "
+        f"{replay.get('evicted_stale', 0)} stale + {replay.get('evicted_capacity', 0)} over capacity evicted "
+        f"({replay.get('evicted_unsampled', 0)} never drawn), "
         f"success buffer {replay.get('success_size', 0)}"
     )
-    table = Table("actor", "alive", "weights", "groups", "responses", "tokens", "s in engine", box=None)
+    table = Table("actor", "alive", "weights", "groups", "responses", "tokens", "s in engine", "s waiting", box=None)
     for a in actors:
         table.add_row(
             str(a.get("actor_id", "?")),
@@ -152,5 +153,6 @@ def status_table(status: dict[str, Any]) -> Any:
             str(a.get("responses", 0)),
             str(a.get("tokens", 0)),
             f"{a.get('generate_s', 0.0):.1f}",
+            f"{a.get('wait_s', 0.0):.1f}",
         )
     return Group(head, learner, replay_line, table)

@@ -240,16 +240,23 @@ class Evaluator:
         self.engine = build_engine(engine_cfg, Path(model_dir), dtype=self.cfg.model.dtype, seed=self.cfg.seed + 7)
         self.tokenizer = self.engine.tokenizer
         self.model_dir = model_dir
-        self.loaded = model_dir
+        self.loaded: tuple[str, int | None] = (model_dir, None)
 
     def evaluate(
-        self, weights_dir: str | None, num_prompts: int, num_samples: int, temperature: float
+        self,
+        weights_dir: str | None,
+        num_prompts: int,
+        num_samples: int,
+        temperature: float,
+        version: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Results (as JSON-ready dicts) of the weights in `weights_dir`, or of the base model when None."""
-        target = weights_dir or self.model_dir
+        """Results (as JSON-ready dicts) of the weights in `weights_dir`, or of the base model when None. A
+        published `version` names what the directory holds (a shared-memory slot is reused by later versions)."""
+        target = (weights_dir or self.model_dir, version if weights_dir else None)
         if target != self.loaded:
-            version = self.engine.weight_version + 1
-            load_published(target, self.cfg.cluster.namespace, lambda d: self.engine.load_weights(d, version))
+            new = self.engine.weight_version + 1
+            load = lambda d: self.engine.load_weights(d, new)  # noqa: E731
+            load_published(target[0], self.cfg.cluster.namespace, load, version=-1 if version is None else version)
             self.loaded = target
         prompts = self.task.eval[:num_prompts]
         sampling = eval_sampling(self.cfg, num_samples, temperature)

@@ -161,11 +161,12 @@ def resolve_replay_host(cfg: RunConfig) -> RunConfig:
 
 def resolve_weight_transport(cfg: RunConfig) -> RunConfig:
     """cluster.weight_transport 'auto' -> object_store when the run joins a cluster (its nodes share no path),
-    filesystem on one machine (shared memory, the fastest hand-over)."""
+    shared_memory on one machine (the fastest hand-over; a directory per version where there is no /dev/shm)."""
     if cfg.cluster.weight_transport != "auto":
         return cfg
     joins = cfg.cluster.address is not None or bool(os.environ.get("RAY_ADDRESS"))
-    cluster = cfg.cluster.model_copy(update={"weight_transport": "object_store" if joins else "filesystem"})
+    local = "shared_memory" if Path("/dev/shm").is_dir() else "filesystem"
+    cluster = cfg.cluster.model_copy(update={"weight_transport": "object_store" if joins else local})
     return cfg.model_copy(update={"cluster": cluster})
 
 
@@ -418,7 +419,7 @@ def _drive(
     def evaluate(step: int, version: int, weights: str | None) -> None:
         e = cfg.eval
         with console.status(f"Evaluating step {step} on {e.num_prompts} held-out prompts x {e.num_samples}..."):
-            rows = ray.get(evaluator.evaluate.remote(weights, e.num_prompts, e.num_samples, e.temperature))
+            rows = ray.get(evaluator.evaluate.remote(weights, e.num_prompts, e.num_samples, e.temperature, version))
         recorder.evaluation(step, version, rows)
 
     if evaluator is not None and steps.start == 1:  # the baseline every later evaluation is compared with
@@ -552,6 +553,8 @@ def _start_ray(cfg: RunConfig) -> None:
 
 def _weights_root(cfg: RunConfig) -> Path:
     """Shared memory on one machine (fast, nothing on disk); the run directory when joining a cluster."""
-    if cfg.cluster.address is None and not os.environ.get("RAY_ADDRESS") and Path("/dev/shm").is_dir():
+    if cfg.cluster.weight_transport == "shared_memory" or (
+        cfg.cluster.address is None and not os.environ.get("RAY_ADDRESS") and Path("/dev/shm").is_dir()
+    ):
         return Path("/dev/shm") / "paceflow" / cfg.replay_namespace
     return Path(cfg.output_dir).expanduser() / cfg.name / "weights" / cfg.replay_namespace

@@ -27,6 +27,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.exposition import start_http_server
 
 from configs.schema import MetricsConfig
+from replay.store import ReplayStats
 
 # Learner step metrics exported as gauges: name in the step's metrics -> (metric name, help).
 _LEARNER_GAUGES = {
@@ -152,6 +153,12 @@ class RunMetrics:
             ("groups", "paceflow_rollout_groups", "Rollout groups pushed into the replay", CounterMetricFamily),
             ("generate_s", "paceflow_rollout_generate_seconds", "Seconds spent in engine calls", CounterMetricFamily),
             ("steps", "paceflow_rollout_engine_calls", "Engine calls (batches of prompts)", CounterMetricFamily),
+            (
+                "wait_s",
+                "paceflow_rollout_wait_seconds",
+                "Seconds waiting on the rate limit (rollout.max_ahead_batches) or for the turn (learner.sync)",
+                CounterMetricFamily,
+            ),
             ("reward_errors", "paceflow_rollout_reward_errors", "Verifier calls that raised", CounterMetricFamily),
             (
                 "reward_timeouts",
@@ -183,6 +190,16 @@ class RunMetrics:
         yield self._counter("paceflow_replay_sampled_groups", "Groups drawn by the learner", s["sampled"])
         yield self._counter(
             "paceflow_replay_corrupt_records", "Records that failed to decode (quarantined)", s["corrupt"]
+        )
+        yield self._counter(
+            "paceflow_replay_unsampled_evicted_groups",
+            "Groups evicted before any batch drew them (generated, never trained on)",
+            s["evicted_unsampled"],
+        )
+        yield self._gauge(
+            "paceflow_replay_drawn_ratio",
+            "Share of the inserted groups that some batch has drawn",
+            ReplayStats(**s).drawn_fraction,
         )
         evicted = CounterMetricFamily("paceflow_replay_evicted_groups", "Groups evicted", labels=["run", "reason"])
         evicted.add_metric([self.run, "capacity"], s["evicted_capacity"])

@@ -18,6 +18,7 @@ from typing import Any
 from rich.table import Table
 
 from cluster.evaluate import Estimate, PromptResult, paired_difference, results_from_json, summarize
+from replay.store import ReplayStats
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,14 @@ def _setup_lines(run_dir: Path, steps: Sequence[dict[str, Any]], summary: dict[s
         f"{sum(s['rows'] for s in steps)} trained on",
     ]
     replay = summary.get("replay") or {}
+    if replay.get("inserted"):
+        stats = ReplayStats(**{k: v for k, v in replay.items() if k in ReplayStats.__dataclass_fields__})
+        lines.append(
+            f"- replay: {stats.inserted} groups inserted, {stats.drawn_fraction:.0%} of those settled drawn by a "
+            f"batch ({stats.evicted_unsampled} evicted unsampled, {stats.fresh} still fresh at the end); rate "
+            f"limit rollout.max_ahead_batches = {cfg['rollout'].get('max_ahead_batches')}, learner.sync = "
+            f"{learner.get('sync')}"
+        )
     if replay.get("success_size") is not None and cfg["replay"].get("success_buffer"):
         lines.append(
             f"- success buffer: {replay.get('success_inserted', 0)} successful responses inserted, "

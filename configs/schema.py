@@ -258,6 +258,13 @@ class RolloutConfig(Section):
     scheduler: SchedulerConfig = Field(default_factory=UniformSchedulerConfig)
     prompts_per_batch: int = Field(8, ge=1, le=4096)
     """Prompts each actor generates for in one engine call."""
+    max_ahead_batches: float | None = Field(1.0, gt=0.0, le=1e6)
+    """Rate limit between actors and learner (the idea of Reverb's samples-per-insert limiter): before each engine
+    call an actor waits while the replay holds this many learner batches' worth of groups that no batch has drawn
+    yet (a batch takes round(replay.fresh_fraction x its main-table groups) fresh ones), so that what is generated
+    is trained on before it goes stale (replay.max_policy_lag). null = free-running: actors never wait and their
+    surplus ages out unused. Larger values keep actors busier and batches older. Not used with learner.sync (actor
+    and learner take turns)."""
     reward_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
     """A verifier slower than this yields an invalid-reward marker instead of hanging the actor."""
 
@@ -369,8 +376,13 @@ class _ReplayCommon(Section):
     priority_exponent: float = Field(0.6, ge=0.0, le=10.0)
     """a: groups are drawn with probability proportional to priority^a (0 = uniform)."""
     fresh_fraction: Probability = 0.75
-    """m: fraction of the main table's draws taken from groups never sampled before (newest first); the rest
+    """m: fraction of the main table's draws taken from groups never sampled before (in `fresh_order`); the rest
     are drawn by priority."""
+    fresh_order: Literal["oldest", "newest"] = "oldest"
+    """Which fresh groups a batch takes first. 'oldest': a queue, as with Reverb's rate-limited tables: with the
+    actors' rate limit (rollout.max_ahead_batches) every group is drawn, in the order it came, within a batch or
+    two. 'newest': the lowest policy lag first, for free-running actors (max_ahead_batches: null) whose surplus
+    ages out; with a backlog the oldest fresh groups are never drawn."""
     max_policy_lag: int = Field(8, ge=0)
     """Groups produced more than this many weight versions ago are evicted (0 = strictly on-policy)."""
     success_buffer: SuccessBufferConfig | None = None
@@ -518,10 +530,12 @@ class ClusterConfig(Section):
     """Ray namespace of the run's actors."""
     max_actor_restarts: int = Field(3, ge=-1)
     """Times Ray restarts a dead rollout actor (-1 = forever)."""
-    weight_transport: Literal["auto", "filesystem", "object_store"] = "auto"
-    """How published weights reach the actors: 'filesystem' (a directory every actor can read: shared memory on
-    one machine, or a shared filesystem), 'object_store' (Ray's object store: any node, no shared path; see
-    replay/weight_store.py), or 'auto': object_store when the run joins a cluster, filesystem otherwise."""
+    weight_transport: Literal["auto", "shared_memory", "filesystem", "object_store"] = "auto"
+    """How published weights reach the actors: 'shared_memory' (one machine: preallocated safetensors slots in
+    /dev/shm that each version is copied into in place, learner/weights.py), 'filesystem' (a directory per version
+    that every actor can read: a shared filesystem), 'object_store' (Ray's object store: any node, no shared path;
+    replay/weight_store.py), or 'auto': object_store when the run joins a cluster, shared_memory otherwise
+    (filesystem where there is no /dev/shm)."""
 
 
 class MetricsConfig(Section):
@@ -596,7 +610,7 @@ class LearnerSpec(Section):
     """Single responses from the success buffer per batch (RunConfig.batch_plan)."""
     torch_threads: int
     """cluster.learner_resources.num_cpus, rounded up."""
-    weight_transport: Literal["filesystem", "object_store"] = "filesystem"
+    weight_transport: Literal["shared_memory", "filesystem", "object_store"] = "filesystem"
     """cluster.weight_transport, resolved by the launcher."""
     weight_store: str = ""
     """The run's WeightStore actor (object_store transport)."""
@@ -647,7 +661,7 @@ class RunConfig(Section):
             main_groups=main,
             success_responses=success,
             torch_threads=max(1, math.ceil(self.cluster.learner_resources.num_cpus)),
-            weight_transport="object_store" if self.cluster.weight_transport == "object_store" else "filesystem",
+            weight_transport="filesystem" if self.cluster.weight_transport == "auto" else self.cluster.weight_transport,
             weight_store=self.weight_store_name,
             ray_namespace=self.cluster.namespace,
         )

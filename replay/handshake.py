@@ -1,10 +1,16 @@
-"""Synchronous mode (`learner.sync`): rollout actors and the learner take turns through the replay, one batch per
-weight version, so every batch comes from the newest weights and no rollout is wasted.
+"""How actors and the learner pace each other through the replay.
+
+Synchronous mode (`learner.sync`): they take turns, one batch per weight version, so every batch comes from the
+newest weights and no rollout is wasted.
 
     actor:   wait_for_turn  -> generate with version v -> add its groups
     learner: wait_for_batch -> sample the batch (it is no longer fresh) -> step -> announce version v + 1
 
-Both are polls of the store's counters (`stats().fresh`, `policy_version()`), here and nowhere else, so the
+Asynchronous mode: actors generate freely, but only while fewer than `rollout.max_ahead_batches` learner batches
+of undrawn groups wait in the replay (`wait_for_room`), so the learner trains on what they produce before it goes
+stale instead of the actors burning compute, and on a shared machine the learner's cores, on groups that age out.
+
+All are polls of the store's counters (`stats().fresh`, `policy_version()`), here and nowhere else, so the
 handshake works the same over every backend (in-process, Ray-hosted, Redis).
 """
 
@@ -33,6 +39,15 @@ def wait_for_turn(
             return False
         time.sleep(POLL_S)
     return False
+
+
+def wait_for_room(store: ReplayStore, *, max_fresh: int, stop: threading.Event) -> float:
+    """Asynchronous mode's rate limit: an actor may generate once the replay holds fewer than `max_fresh` groups
+    that no batch has drawn yet. Returns the seconds waited (when `stop` is set, at once)."""
+    start = time.monotonic()
+    while not stop.is_set() and store.stats().fresh >= max_fresh:
+        time.sleep(POLL_S)
+    return time.monotonic() - start
 
 
 def wait_for_batch(store: ReplayStore, *, num_groups: int, deadline: float) -> bool:

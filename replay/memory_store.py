@@ -158,6 +158,7 @@ class MemoryStore:
         column = self._priority[:n] if self.cfg.eviction == "lowest_priority" else self._seq[:n]
         # Ties in priority go to the oldest: sort by (column, seq).
         order = np.lexsort((self._seq[:n], column))
+        self._count_unsampled(order[:excess])
         self._remove_rows(order[:excess].tolist())
         self._counts["evicted_capacity"] += excess
 
@@ -165,8 +166,12 @@ class MemoryStore:
         n = len(self._keys)
         stale = np.nonzero(self._version_now - self._version[:n] > self.cfg.max_policy_lag)[0]
         if len(stale):
+            self._count_unsampled(stale)
             self._remove_rows(stale.tolist())
             self._counts["evicted_stale"] += len(stale)
+
+    def _count_unsampled(self, rows: np.ndarray) -> None:
+        self._counts["evicted_unsampled"] += int((self._times_sampled[rows] == 0).sum())
 
     def update_priorities(self, keys: Sequence[str], priorities: Sequence[float]) -> None:
         with self._lock:
@@ -226,7 +231,8 @@ class MemoryStore:
             if n == 0:
                 return Draw.empty()
             unsampled = np.nonzero(self._times_sampled[:n] == 0)[0]
-            fresh_rows = unsampled[np.argsort(-self._seq[unsampled], kind="stable")][:n_fresh].tolist()
+            order = self._seq[unsampled] if self.cfg.fresh_order == "oldest" else -self._seq[unsampled]
+            fresh_rows = unsampled[np.argsort(order, kind="stable")][:n_fresh].tolist()
             n_prio += n_fresh - len(fresh_rows)  # not enough fresh groups: draw the rest by priority
             weights = sampling_weight(self._priority[:n], self.cfg.priority_exponent)
             total = weights.sum()

@@ -97,9 +97,17 @@ local function remove(key)
   redis.call('ZREM', P .. ':fresh', key)
   redis.call('HDEL', P .. ':ns', key)
 end
+local function count_unsampled(keys)  -- evicted before any batch drew them: generated, never trained on
+  local n = 0
+  for _, key in ipairs(keys) do
+    if redis.call('ZSCORE', P .. ':fresh', key) then n = n + 1 end
+  end
+  if n > 0 then redis.call('HINCRBY', P .. ':stats', 'evicted_unsampled', n) end
+end
 local function evict_stale(max_lag)
   local v = tonumber(redis.call('GET', P .. ':version') or '0')
   local stale = redis.call('ZRANGEBYSCORE', P .. ':ver', '-inf', '(' .. (v - max_lag))
+  count_unsampled(stale)
   for _, key in ipairs(stale) do remove(key) end
   if #stale > 0 then redis.call('HINCRBY', P .. ':stats', 'evicted_stale', #stale) end
 end
@@ -140,6 +148,7 @@ local excess = redis.call('ZCARD', P .. ':prio') - capacity
 if excess > 0 then
   local index = eviction == 'oldest' and ':order' or ':prio'
   local victims = redis.call('ZRANGE', P .. index, 0, excess - 1)
+  count_unsampled(victims)
   for _, key in ipairs(victims) do remove(key) end
   redis.call('HINCRBY', P .. ':stats', 'evicted_capacity', #victims)
 end
@@ -151,17 +160,19 @@ return present
 """
 )
 
-# ARGV: n_fresh, n_prio, seed, max_lag. Returns a flat list of (key, priority, probability, times, fresh).
+# ARGV: n_fresh, n_prio, seed, max_lag, fresh order ('oldest' / 'newest').
+# Returns a flat list of (key, priority, probability, times, fresh).
 # Payloads are fetched with one MGET afterwards: moving megabytes through Lua strings costs 7x more.
 _SAMPLE = (
     _LUA_COMMON
     + r"""
 local n_fresh, n_prio, seed, max_lag = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local fresh_range = ARGV[5] == 'oldest' and 'ZRANGE' or 'ZREVRANGE'
 math.randomseed(seed)
 evict_stale(max_lag)
 if redis.call('ZCARD', P .. ':prio') == 0 then return {} end
 local chosen = {}
-if n_fresh > 0 then chosen = redis.call('ZREVRANGE', P .. ':fresh', 0, n_fresh - 1) end
+if n_fresh > 0 then chosen = redis.call(fresh_range, P .. ':fresh', 0, n_fresh - 1) end
 local n_chosen_fresh = #chosen
 n_prio = n_prio + n_fresh - n_chosen_fresh
 local buckets, weights, total = {}, {}, 0
@@ -363,7 +374,8 @@ class RedisStore:
 
     def _sample_table(self, num_groups: int, seed: int) -> SampledBatch:
         n_fresh, n_prio = split_batch(num_groups, self.cfg.fresh_fraction)
-        flat = self._sample(keys=[self.prefix], args=[n_fresh, n_prio, seed, self.cfg.max_policy_lag])
+        args = [n_fresh, n_prio, seed, self.cfg.max_policy_lag, self.cfg.fresh_order]
+        flat = self._sample(keys=[self.prefix], args=args)
         rows = [flat[i : i + 5] for i in range(0, len(flat), 5)]
         payloads = self.client.mget([self._k(f"g:{row[0].decode()}") for row in rows]) if rows else []
         draw = Draw(

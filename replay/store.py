@@ -12,9 +12,9 @@ suite runs against both):
   `<group id>/<index>`), the `insert_top_k` of the groups with the largest priority, in a table of `capacity`
   trajectories.
 - `sample(n, num_success=k)`: from the main table, first up to round(fresh_fraction * n) *fresh* groups (never
-  sampled yet, newest first), the rest drawn with replacement with probability proportional to
-  max(priority, 1e-6) ** priority_exponent; then k single responses from the success buffer, drawn the same way
-  (marked `success` in the batch). Each draw reports its probability and importance weight (N * P)^-1
+  sampled yet, oldest or newest first by `fresh_order`), the rest drawn with replacement with probability
+  proportional to max(priority, 1e-6) ** priority_exponent; then k single responses from the success buffer,
+  drawn the same way (marked `success` in the batch). Each draw reports its probability and importance weight (N * P)^-1
   normalised to a batch maximum of 1. Groups older than `max_policy_lag` weight versions are evicted first, in
   both tables. A payload that fails to decode is counted, moved to quarantine and skipped; it never reaches the
   learner and never crashes the reader.
@@ -52,12 +52,30 @@ class ReplayStats:
     evicted_capacity: int
     evicted_stale: int
     corrupt: int
+    evicted_unsampled: int = 0
+    """Of the evicted groups, those no batch had drawn: generated and never trained on (the rate limiter's
+    measure, rollout.max_ahead_batches)."""
     success_size: int = 0
     """Trajectories in the success buffer (0 without one)."""
     success_inserted: int = 0
 
+    @property
+    def drawn_fraction(self) -> float:
+        """Of the inserted groups whose fate is settled (drawn by a batch, or evicted before any batch drew them;
+        fresh ones still wait), the share that was drawn: 1 - this is rollout work thrown away."""
+        settled = self.inserted - self.fresh
+        return 1.0 if settled <= 0 else (settled - self.evicted_unsampled) / settled
 
-STAT_FIELDS = ("inserted", "duplicates", "sampled", "evicted_capacity", "evicted_stale", "corrupt")
+
+STAT_FIELDS = (
+    "inserted",
+    "duplicates",
+    "sampled",
+    "evicted_capacity",
+    "evicted_stale",
+    "corrupt",
+    "evicted_unsampled",
+)
 
 
 class ReplayStore(Protocol):

@@ -67,15 +67,23 @@ def ship(store_name: str, namespace: str, version: int, state_dict: dict[str, An
 
 
 class VersionReplaced(FileNotFoundError):
-    """The announced version left the WeightStore before it was fetched (a newer one replaced it)."""
+    """The announced version is gone before (or while) it was loaded: a newer one replaced it."""
 
 
-def load_published(path: str, namespace: str, load: Callable[[Path], None]) -> None:
-    """Hand an announced version to `load` as a directory: a published directory as is, or, for an object-store
-    version, its bytes in a temporary directory of this process's own (shared memory when there is one),
-    removed as soon as `load` returns: the engine holds the weights then, and nothing accumulates on the node."""
+VERSION_FILE = "VERSION"
+"""In a shared-memory weight slot (learner/weights.py: WeightSlots): the version the slot holds, -1 while written."""
+
+
+def load_published(path: str, namespace: str, load: Callable[[Path], None], *, version: int) -> None:
+    """Hand an announced version to `load` as a directory: a published directory as is (a shared-memory slot is
+    checked to hold `version` before and after, so a load that overlapped the slot's reuse is refused), or, for an
+    object-store version, its bytes in a temporary directory of this process's own (shared memory when there is
+    one), removed as soon as `load` returns: the engine holds the weights then, and nothing accumulates on the
+    node. Raises `VersionReplaced` when a newer version took the announced one's place meanwhile."""
     if not is_object_uri(path):
+        _check_slot(Path(path), version)
         load(Path(path))
+        _check_slot(Path(path), version)
         return
     data = _fetch(path, namespace)
     shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
@@ -93,3 +101,12 @@ def _fetch(uri: str, namespace: str) -> bytes:
     if refs is None:
         raise VersionReplaced(f"{uri}: version {version} is no longer in the weight store (a newer one replaced it)")
     return bytes(ray.get(refs[0]))
+
+
+def _check_slot(directory: Path, version: int) -> None:
+    marker = directory / VERSION_FILE
+    if not marker.is_file():  # a directory per version (publish_weights): never overwritten
+        return
+    held = marker.read_text().strip()
+    if held != str(version):
+        raise VersionReplaced(f"{directory} holds version {held or '?'}, not {version}: a newer one is replacing it")

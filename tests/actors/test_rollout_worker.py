@@ -4,6 +4,7 @@ verified, and under Ray a killed actor is restarted and the stream resumes."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,45 @@ def test_a_step_streams_scored_groups_into_the_store(tiny_model_dir: Path) -> No
     assert all(s.num_samples == 2 for s in store.prompt_stats([g.prompt_id for g in batch.groups]))
 
 
+def test_the_rate_limit_pauses_the_loop_until_the_learner_draws(tiny_model_dir: Path) -> None:
+    """rollout.max_ahead_batches: the loop stops generating while the replay holds that many learner batches of
+    undrawn groups, and generates again once a batch takes them."""
+    # A batch takes 4 fresh groups (groups_per_step 4, fresh_fraction 1): the limit is ceil(1.5 * 4) = 6.
+    cfg = _cfg("rollout.max_ahead_batches=1.5", "learner.groups_per_step=4", "replay.fresh_fraction=1.0")
+    store = MemoryStore(cfg.replay)
+    worker = _worker(cfg, tiny_model_dir, store)
+    stop = threading.Event()
+    loop = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+
+        def settle(steps: int) -> None:
+            deadline = time.monotonic() + 60
+            while worker.counters.steps < steps and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # long enough for a tiny-model step: had it not waited, it would have made another
+
+        settle(2)
+        assert worker.counters.steps == 2 and store.stats().fresh == 6  # 3 + 3 reached the limit: it waits
+        batch = store.sample(4)  # the learner takes a batch: the oldest four
+        assert batch.fresh == [True] * 4
+        settle(4)
+        assert worker.counters.steps == 4 and store.stats().fresh == 8  # 2 left + 3 + 3: at the limit again
+    finally:
+        stop.set()
+        loop.join(timeout=60)
+    stats = store.stats()
+    assert stats.evicted_unsampled == 0 and stats.inserted == 12 and worker.counters.wait_s > 1.0
+
+
+def test_free_running_actors_never_wait(tiny_model_dir: Path) -> None:
+    cfg = _cfg("rollout.max_ahead_batches=null", "learner.groups_per_step=4")
+    store = MemoryStore(cfg.replay)
+    worker = _worker(cfg, tiny_model_dir, store)
+    worker.run(threading.Event(), max_steps=4)
+    assert store.stats().fresh == 12 and worker.counters.wait_s == 0.0
+
+
 def test_powerflow_groups_carry_base_model_logprobs(tiny_model_dir: Path) -> None:
     cfg = _cfg(
         "task={kind: creative, num_prompts: 20, eval_size: 4}",
@@ -124,7 +164,10 @@ def test_a_sync_that_does_not_take_effect_is_an_error(tiny_model_dir: Path, tmp_
 
 @pytest.mark.slow
 def test_ray_actor_streams_and_resumes_after_being_killed(ray_local: Any, tiny_model_dir: Path) -> None:
-    cfg = _cfg("cluster.max_actor_restarts=2", "cluster.rollout_resources.num_cpus=0.5")
+    # No learner draws here, so the actor runs free (the rate limit would pause it after one batch's worth).
+    cfg = _cfg(
+        "cluster.max_actor_restarts=2", "cluster.rollout_resources.num_cpus=0.5", "rollout.max_ahead_batches=null"
+    )
     assert isinstance(cfg.replay, MemoryReplayConfig)
     server = start_replay_server(cfg.replay)
     store = RemoteStore(server)

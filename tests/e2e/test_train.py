@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from cluster.launch import train
 from configs.load import load_config
+from replay.store import ReplayStats
 from tests.conftest import MODEL_CACHE
 
 pytestmark = pytest.mark.slow
@@ -40,7 +41,7 @@ def _cfg(tmp_path: Path, *overrides: str) -> Any:
     )
 
 
-def _check_run(summary: Any, max_lag: int) -> None:
+def _check_run(summary: Any, max_lag: int, min_drawn: float) -> None:
     steps = summary.steps
     assert len(steps) == 24
     first, last = steps[:4], steps[-4:]
@@ -53,6 +54,11 @@ def _check_run(summary: Any, max_lag: int) -> None:
     assert len(alive) == 2
     assert all(c["weight_updates"] > 0 and c["weight_version"] > 0 for c in alive)  # actors took new weights
     assert all(c["groups"] > 0 for c in alive)
+    # The rate limit (rollout.max_ahead_batches, default 1) with oldest-first fresh draws: what the actors generate
+    # is trained on, not left to go stale.
+    replay = ReplayStats(**summary.replay_stats)
+    assert replay.drawn_fraction >= min_drawn, summary.replay_stats
+    assert "drawn by a batch" in summary.report.read_text()
     model = AutoModelForCausalLM.from_pretrained(summary.final_dir)  # the final checkpoint loads
     assert model.config.hidden_size == 128
     assert (summary.run_dir / "metrics.jsonl").read_text().count("\n") == 24
@@ -64,7 +70,7 @@ def _check_run(summary: Any, max_lag: int) -> None:
 
 def test_train_with_the_in_process_replay(ray_local: Any, tmp_path: Path) -> None:
     summary = train(_cfg(tmp_path, "replay.max_policy_lag=4"), console=Console(width=120))
-    _check_run(summary, max_lag=4)
+    _check_run(summary, max_lag=4, min_drawn=0.9)
 
 
 def test_train_with_the_redis_replay(ray_local: Any, redis_server: Any, tmp_path: Path) -> None:
@@ -72,7 +78,9 @@ def test_train_with_the_redis_replay(ray_local: Any, redis_server: Any, tmp_path
         _cfg(tmp_path, f"replay={{kind: redis, port: {redis_server.port}, key_prefix: e2e, max_policy_lag: 3}}"),
         console=Console(width=120),
     )
-    _check_run(summary, max_lag=3)
+    # Lag 3: the tiny learner steps faster than an HF actor generates, so a group that took over 3 learner steps
+    # to generate arrives stale and is evicted unsampled whatever the rate limit does (measured 91-92%).
+    _check_run(summary, max_lag=3, min_drawn=0.8)
     assert summary.replay_stats["inserted"] > 0
 
 

@@ -135,17 +135,19 @@ def test_importance_weights_are_normalised_to_one(make_store: Any) -> None:
     assert ratio[3.0] == pytest.approx(1 / 3)  # the 3x more likely group weighs 1/3 as much
 
 
-def test_fresh_groups_come_first_newest_first_and_only_once(make_store: Any) -> None:
-    store = make_store(fresh_fraction=0.5, priority_exponent=0.0)
+@pytest.mark.parametrize("order", ["oldest", "newest"])
+def test_fresh_groups_come_first_in_their_order_and_only_once(make_store: Any, order: str) -> None:
+    store = make_store(fresh_fraction=0.5, priority_exponent=0.0, fresh_order=order)
     groups = [group(f"p{i}") for i in range(6)]
     for g in groups:
         store.add([g], [1.0])
+    in_order = groups if order == "oldest" else groups[::-1]
     first = store.sample(4, seed=1)
     assert first.fresh == [True, True, False, False]
-    assert first.keys[:2] == [groups[5].group_id, groups[4].group_id]
+    assert first.keys[:2] == [in_order[0].group_id, in_order[1].group_id]
     second = store.sample(4, seed=2)
-    unsampled_newest_first = [g.group_id for g in reversed(groups) if g.group_id not in first.keys]
-    assert second.keys[:2] == unsampled_newest_first[:2]  # a prioritised draw also uses up freshness
+    unsampled_in_order = [g.group_id for g in in_order if g.group_id not in first.keys]
+    assert second.keys[:2] == unsampled_in_order[:2]  # a prioritised draw also uses up freshness
     never_sampled = {g.group_id for g in groups} - set(first.keys) - set(second.keys)
     assert store.stats().fresh == len(never_sampled)
 
@@ -175,6 +177,21 @@ def test_stale_groups_are_evicted_by_policy_lag(make_store: Any) -> None:
     assert store.stats().evicted_stale == 3
     batch = store.sample(50, seed=0)
     assert all(5 - g.policy_version <= 2 for g in batch.groups)
+
+
+def test_evictions_count_the_groups_no_batch_drew(make_store: Any) -> None:
+    """The rate limiter's measure: a group evicted (stale or over capacity) before any batch drew it was generated
+    for nothing; one that was drawn once is not counted again when it leaves."""
+    store = make_store(max_policy_lag=1, fresh_fraction=1.0, capacity=4, eviction="oldest")
+    store.add([group(f"old{i}", version=0) for i in range(3)], [1.0] * 3)
+    store.sample(1)  # one of the three is drawn
+    store.set_policy_version(2)  # all three are stale now: two of them were never drawn
+    stats = store.stats()
+    assert (stats.evicted_stale, stats.evicted_unsampled) == (3, 2)
+    store.add([group(f"new{i}", version=2) for i in range(6)], [1.0] * 6)  # 2 over capacity, both unsampled
+    stats = store.stats()
+    assert (stats.evicted_capacity, stats.evicted_unsampled, stats.fresh) == (2, 4, 4)
+    assert stats.drawn_fraction == 1 / 5  # 1 drawn of the 5 whose fate is settled (4 are still fresh)
 
 
 def test_updated_priorities_change_what_is_sampled(make_store: Any) -> None:

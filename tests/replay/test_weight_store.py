@@ -26,15 +26,15 @@ def test_a_version_round_trips_and_old_ones_are_dropped(ray_local: Any, tmp_path
         def load(directory: Path) -> None:  # what an engine does: read the files while they exist
             seen["dir"], seen["state"] = directory, load_file(str(directory / "model.safetensors"))
 
-        load_published(uris[-1], "paceflow-test", load)
+        load_published(uris[-1], "paceflow-test", load, version=3)
         loaded = seen["state"]
         assert set(loaded) == {"embed.weight", "norm.weight"}  # the tied copy is stored once, as on disk
         assert torch.equal(loaded["embed.weight"], embed) and torch.equal(loaded["norm.weight"], torch.ones(4))
         assert not seen["dir"].exists()  # removed once loaded: nothing accumulates on the node
         with pytest.raises(FileNotFoundError, match="no longer in the weight store"):
-            load_published(uris[0], "paceflow-test", load)  # keep=2: version 1 was dropped
+            load_published(uris[0], "paceflow-test", load, version=1)  # keep=2: version 1 was dropped
         save_file({"x": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
-        load_published(str(tmp_path), "paceflow-test", load)  # a published directory is handed over as is
+        load_published(str(tmp_path), "paceflow-test", load, version=7)  # a published directory is handed over as is
         assert seen["dir"] == tmp_path and set(seen["state"]) == {"x"}
     finally:
         ray.kill(store)
