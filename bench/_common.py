@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,26 @@ def run_per_model(models: list[str], bench_model: Callable[[str, Path], dict[str
     from configs.schema import SmolLM2ModelConfig, TinyModelConfig
 
     rows = []
-    for name in models:
-        cfg = TinyModelConfig(cache_dir=MODEL_CACHE) if name == "tiny" else SmolLM2ModelConfig(cache_dir=MODEL_CACHE)
-        rows.append(bench_model(name, resolve_model_dir(cfg)))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    with stdout_to_stderr():
+        for name in models:
+            cfg = (
+                TinyModelConfig(cache_dir=MODEL_CACHE) if name == "tiny" else SmolLM2ModelConfig(cache_dir=MODEL_CACHE)
+            )
+            rows.append(bench_model(name, resolve_model_dir(cfg)))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps({"machine": machine(), "results": rows}, indent=2))
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Libraries print to stdout (DeepSpeed's accelerator notice, build messages, C-level prints); while a
+    benchmark runs, file descriptor 1 points at stderr, so stdout carries only the JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

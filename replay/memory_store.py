@@ -1,11 +1,14 @@
 """In-process replay store: the embedded default on one machine (wrapped in a Ray actor when actors and learner
 are separate processes). Payloads are kept encoded, exactly as Redis keeps them, so both backends decode,
-validate and quarantine the same way. Index columns live in numpy arrays with swap-remove, so eviction,
-staleness and proportional sampling are vectorised (O(N) numpy per call, microseconds at 100k groups).
+validate and quarantine the same way. Index columns live in numpy arrays with swap-remove, so eviction and
+staleness are vectorised; each row's sampling weight priority^a is kept beside its priority (a draw is one
+cumulative sum and a binary search, not a power over the table), and the never-sampled keys are an
+insertion-ordered set, so fresh draws and `stats().fresh` do not scan the table.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections import OrderedDict
@@ -54,6 +57,8 @@ class MemoryStore:
         self._version = np.zeros(cap, dtype=np.int64)
         self._seq = np.zeros(cap, dtype=np.int64)
         self._times_sampled = np.zeros(cap, dtype=np.int64)
+        self._weight = np.zeros(cap)  # sampling_weight(priority): kept per row, so a draw never recomputes it
+        self._fresh: dict[str, None] = {}  # never-sampled keys, oldest first (insertion order = seq order)
         self._next_seq = 0
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._version_now = 0
@@ -125,7 +130,7 @@ class MemoryStore:
             return
         n = len(self._keys)
         if n == len(self._priority):
-            for name in ("_priority", "_version", "_seq", "_times_sampled"):
+            for name in ("_priority", "_version", "_seq", "_times_sampled", "_weight"):
                 old = getattr(self, name)
                 setattr(self, name, np.concatenate([old, np.zeros_like(old)]))
         self._keys.append(key)
@@ -135,6 +140,8 @@ class MemoryStore:
         self._version[n] = version
         self._seq[n] = self._next_seq
         self._times_sampled[n] = 0
+        self._weight[n] = sampling_weight(priority, self.cfg.priority_exponent)
+        self._fresh[key] = None
         self._next_seq += 1
 
     def _remove_rows(self, rows: Sequence[int]) -> None:
@@ -144,11 +151,12 @@ class MemoryStore:
                 moved = self._keys[last]
                 self._keys[row] = moved
                 self._row[moved] = row
-                for arr in (self._priority, self._version, self._seq, self._times_sampled):
+                for arr in (self._priority, self._version, self._seq, self._times_sampled, self._weight):
                     arr[row] = arr[last]
             self._keys.pop()
             del self._row[key]
             del self._payloads[key]
+            self._fresh.pop(key, None)
 
     def _evict_over_capacity(self) -> None:
         excess = len(self._keys) - self.cfg.capacity
@@ -179,6 +187,7 @@ class MemoryStore:
                 row = self._row.get(key)
                 if row is not None:  # evicted since it was sampled: nothing to update
                     self._priority[row] = priority
+                    self._weight[row] = sampling_weight(priority, self.cfg.priority_exponent)
 
     def set_policy_version(self, version: int) -> None:
         with self._lock:
@@ -230,18 +239,22 @@ class MemoryStore:
             n = len(self._keys)
             if n == 0:
                 return Draw.empty()
-            unsampled = np.nonzero(self._times_sampled[:n] == 0)[0]
-            order = self._seq[unsampled] if self.cfg.fresh_order == "oldest" else -self._seq[unsampled]
-            fresh_rows = unsampled[np.argsort(order, kind="stable")][:n_fresh].tolist()
+            in_order = iter(self._fresh) if self.cfg.fresh_order == "oldest" else reversed(self._fresh)
+            fresh_rows = [self._row[k] for k in itertools.islice(in_order, n_fresh)]
             n_prio += n_fresh - len(fresh_rows)  # not enough fresh groups: draw the rest by priority
-            weights = sampling_weight(self._priority[:n], self.cfg.priority_exponent)
-            total = weights.sum()
-            prio_rows = rng.choice(n, size=n_prio, p=weights / total).tolist() if n_prio else []
+            prio_rows: list[int] = []
+            probabilities = [1.0] * len(fresh_rows)
+            if n_prio:
+                cumulative = np.cumsum(self._weight[:n])
+                total = cumulative[-1]
+                picks = np.searchsorted(cumulative, rng.random(n_prio) * total, side="right")
+                prio_rows = np.minimum(picks, n - 1).tolist()
+                probabilities += (self._weight[prio_rows] / total).tolist()
             rows = fresh_rows + prio_rows
-            probabilities = [1.0] * len(fresh_rows) + [float(weights[r] / total) for r in prio_rows]
             keys = [self._keys[r] for r in rows]
-            for r in rows:
+            for r, k in zip(rows, keys, strict=True):
                 self._times_sampled[r] += 1
+                self._fresh.pop(k, None)
             self._counts["sampled"] += len(rows)
             return Draw(
                 keys=keys,
@@ -281,7 +294,7 @@ class MemoryStore:
             n = len(self._keys)
             return ReplayStats(
                 size=n,
-                fresh=int((self._times_sampled[:n] == 0).sum()),
+                fresh=len(self._fresh),
                 policy_version=self._version_now,
                 **self._counts,
                 success_size=success.size if success is not None else 0,
@@ -338,6 +351,9 @@ class MemoryStore:
             self._insert(key, payload, float(columns["priority"][i]), int(columns["version"][i]))
             self._seq[i] = columns["seq"][i]
             self._times_sampled[i] = columns["times_sampled"][i]
+        n = len(self._keys)
+        never = np.nonzero(self._times_sampled[:n] == 0)[0]
+        self._fresh = dict.fromkeys(self._keys[r] for r in never[np.argsort(self._seq[never], kind="stable")])
         self._next_seq = int(raw["next_seq"])
         self._version_now = int(raw["version_now"])
         self._counts.update({k: int(v) for k, v in raw["counts"].items() if k in self._counts})

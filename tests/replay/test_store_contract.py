@@ -461,3 +461,18 @@ def test_an_in_process_snapshot_keeps_the_success_buffer(tmp_path: Any) -> None:
     batch = restored.sample(1, num_success=4, seed=0)
     assert batch.success == [False, True, True, True, True]
     assert {k.split("/")[1] for k, s in zip(batch.keys, batch.success, strict=True) if s} == {"0", "2"}
+
+
+def test_an_in_process_snapshot_keeps_the_fresh_queue_and_the_sampling_weights(tmp_path: Any) -> None:
+    cfg = MemoryReplayConfig(fresh_fraction=0.5, priority_exponent=1.0, capacity=5, eviction="lowest_priority")
+    store = MemoryStore(cfg)
+    groups = [group(f"p{i}") for i in range(6)]
+    for g, p in zip(groups, [1.0, 1.0, 0.1, 1.0, 1.0, 1.0], strict=True):
+        store.add([g], [p])  # p2 leaves over capacity: the last row moves into its place, out of arrival order
+    store.sample(2, seed=0)  # p0 fresh, one prioritised draw
+    store.update_priorities([groups[5].group_id], [1000.0])
+    store.save(tmp_path / "replay.msgpack")
+    restored = MemoryStore.load(tmp_path / "replay.msgpack", cfg)
+    assert restored.stats() == store.stats()
+    a, b = store.sample(4, seed=3), restored.sample(4, seed=3)
+    assert a.keys == b.keys and a.probabilities == b.probabilities  # same fresh order, same weights
