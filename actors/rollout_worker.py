@@ -29,10 +29,12 @@ from typing import Any, Protocol
 from actors.engines.base import Engine, build_engine
 from actors.scoring import BaseModelScorer, RewardScorer
 from actors.tasks import Prompt, build_task, encode_prompt
+from actors.weight_client import BroadcastClient
 from configs.schema import RolloutWorkerSpec, RunConfig
 from replay.handshake import wait_for_room, wait_for_turn
 from replay.records import RolloutGroup, WeightVersion
 from replay.store import ReplayStore, connect_store, split_batch
+from replay.weight_broadcast import is_broadcast_uri
 from replay.weight_store import VersionReplaced, load_published
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class RolloutWorker:
         self.counters = WorkerCounters()
         self._token_cache: dict[str, list[int]] = {}
         self._steps_at_version = 0
+        self._weights = BroadcastClient(actor_id, spec.ray_namespace)  # used with the broadcast transport only
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(
@@ -197,12 +200,15 @@ class RolloutWorker:
         if latest is None or latest.version <= self.engine.weight_version:
             return False
         try:
-            load_published(
-                latest.path,
-                self.spec.ray_namespace,
-                lambda d: self.engine.load_weights(d, latest.version),
-                version=latest.version,
-            )
+            if is_broadcast_uri(latest.path):  # the learner sends its newest version; verify what arrived
+                latest = self._weights.receive(latest.path, self.engine)
+            else:
+                load_published(
+                    latest.path,
+                    self.spec.ray_namespace,
+                    lambda d: self.engine.load_weights(d, latest.version),
+                    version=latest.version,
+                )
         except VersionReplaced:  # a newer version replaced it meanwhile: take that one at the next step
             return False
         verify_weights(self, latest)

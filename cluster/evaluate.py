@@ -26,7 +26,9 @@ from typing import Any
 
 from actors.engines.base import Engine
 from actors.tasks import Prompt, Task, encode_prompt
+from actors.weight_client import BroadcastClient
 from configs.schema import RunConfig, SamplingConfig
+from replay.weight_broadcast import is_broadcast_uri
 from replay.weight_store import load_published
 
 DISTINCT_N = (1, 2, 3, 4)
@@ -241,6 +243,7 @@ class Evaluator:
         self.tokenizer = self.engine.tokenizer
         self.model_dir = model_dir
         self.loaded: tuple[str, int | None] = (model_dir, None)
+        self._weights = BroadcastClient(f"{self.cfg.replay_namespace}-evaluator", self.cfg.cluster.namespace)
 
     def evaluate(
         self,
@@ -254,9 +257,14 @@ class Evaluator:
         published `version` names what the directory holds (a shared-memory slot is reused by later versions)."""
         target = (weights_dir or self.model_dir, version if weights_dir else None)
         if target != self.loaded:
-            new = self.engine.weight_version + 1
-            load = lambda d: self.engine.load_weights(d, new)  # noqa: E731
-            load_published(target[0], self.cfg.cluster.namespace, load, version=-1 if version is None else version)
+            if is_broadcast_uri(target[0]):  # the learner sends its newest version: the one asked for, as it waits
+                got = self._weights.receive(target[0], self.engine).version
+                if version is not None and got != version:
+                    raise RuntimeError(f"asked to evaluate weights v{version}, the learner sent v{got}")
+            else:
+                new = self.engine.weight_version + 1
+                load = lambda d: self.engine.load_weights(d, new)  # noqa: E731
+                load_published(target[0], self.cfg.cluster.namespace, load, version=-1 if version is None else version)
             self.loaded = target
         prompts = self.task.eval[:num_prompts]
         sampling = eval_sampling(self.cfg, num_samples, temperature)

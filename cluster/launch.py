@@ -161,13 +161,16 @@ def resolve_replay_host(cfg: RunConfig) -> RunConfig:
 
 def resolve_weight_transport(cfg: RunConfig) -> RunConfig:
     """cluster.weight_transport 'auto' -> object_store when the run joins a cluster (its nodes share no path),
-    shared_memory on one machine (the fastest hand-over; a directory per version where there is no /dev/shm)."""
-    if cfg.cluster.weight_transport != "auto":
-        return cfg
+    shared_memory on one machine (the fastest hand-over; a directory per version where there is no /dev/shm);
+    cluster.weight_broadcast_host 'auto' -> the learner node's address on a cluster, loopback on one machine."""
     joins = cfg.cluster.address is not None or bool(os.environ.get("RAY_ADDRESS"))
-    local = "shared_memory" if Path("/dev/shm").is_dir() else "filesystem"
-    cluster = cfg.cluster.model_copy(update={"weight_transport": "object_store" if joins else local})
-    return cfg.model_copy(update={"cluster": cluster})
+    update: dict[str, str] = {}
+    if cfg.cluster.weight_transport == "auto":
+        local = "shared_memory" if Path("/dev/shm").is_dir() else "filesystem"
+        update["weight_transport"] = "object_store" if joins else local
+    if cfg.cluster.weight_broadcast_host == "auto":  # loopback unless other nodes must reach the learner
+        update["weight_broadcast_host"] = "node" if joins else "127.0.0.1"
+    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update=update)}) if update else cfg
 
 
 @dataclass

@@ -530,12 +530,19 @@ class ClusterConfig(Section):
     """Ray namespace of the run's actors."""
     max_actor_restarts: int = Field(3, ge=-1)
     """Times Ray restarts a dead rollout actor (-1 = forever)."""
-    weight_transport: Literal["auto", "shared_memory", "filesystem", "object_store"] = "auto"
+    weight_transport: Literal["auto", "shared_memory", "filesystem", "object_store", "broadcast"] = "auto"
     """How published weights reach the actors: 'shared_memory' (one machine: preallocated safetensors slots in
     /dev/shm that each version is copied into in place, learner/weights.py), 'filesystem' (a directory per version
     that every actor can read: a shared filesystem), 'object_store' (Ray's object store: any node, no shared path;
-    replay/weight_store.py), or 'auto': object_store when the run joins a cluster, shared_memory otherwise
-    (filesystem where there is no /dev/shm)."""
+    replay/weight_store.py), 'broadcast' (a collective from the learner's process straight into each engine's
+    workers: NCCL on GPUs, gloo on CPUs; no file at all; replay/weight_broadcast.py), or 'auto': object_store when
+    the run joins a cluster, shared_memory otherwise (filesystem where there is no /dev/shm)."""
+    weight_broadcast_host: str = "auto"
+    """broadcast transport: the address the learner's weight channels listen on. 'auto': loopback on one machine,
+    the learner node's own address when the run joins a cluster ('node' asks for the latter explicitly)."""
+    weight_broadcast_timeout_s: float = Field(120.0, gt=0.0, le=3600.0)
+    """broadcast transport: how long one transfer (or a client joining its channel) may take before it fails; a
+    failed transfer costs that client one sync, never the learner."""
 
 
 class MetricsConfig(Section):
@@ -610,10 +617,15 @@ class LearnerSpec(Section):
     """Single responses from the success buffer per batch (RunConfig.batch_plan)."""
     torch_threads: int
     """cluster.learner_resources.num_cpus, rounded up."""
-    weight_transport: Literal["shared_memory", "filesystem", "object_store"] = "filesystem"
+    weight_transport: Literal["shared_memory", "filesystem", "object_store", "broadcast"] = "filesystem"
     """cluster.weight_transport, resolved by the launcher."""
     weight_store: str = ""
     """The run's WeightStore actor (object_store transport)."""
+    learner_actor: str = ""
+    """The learner's own Ray actor name (broadcast transport: clients ask it for weights by this name)."""
+    weight_broadcast_host: str = "127.0.0.1"
+    """cluster.weight_broadcast_host, resolved by the launcher ('node': the learner's node address)."""
+    weight_broadcast_timeout_s: float = 120.0
     ray_namespace: str = "paceflow"
 
 
@@ -630,6 +642,11 @@ class RunConfig(Section):
     def weight_store_name(self) -> str:
         """The run's WeightStore actor (cluster.weight_transport: object_store)."""
         return f"{self.replay_namespace}-weights"
+
+    @property
+    def learner_actor_name(self) -> str:
+        """The run's LearnerServer actor (clients of the broadcast weight transport find it by this name)."""
+        return f"{self.replay_namespace}-learner"
 
     @property
     def rollouts_need_base_logprobs(self) -> bool:
@@ -663,6 +680,11 @@ class RunConfig(Section):
             torch_threads=max(1, math.ceil(self.cluster.learner_resources.num_cpus)),
             weight_transport="filesystem" if self.cluster.weight_transport == "auto" else self.cluster.weight_transport,
             weight_store=self.weight_store_name,
+            learner_actor=self.learner_actor_name,
+            weight_broadcast_host=(
+                "127.0.0.1" if self.cluster.weight_broadcast_host == "auto" else self.cluster.weight_broadcast_host
+            ),
+            weight_broadcast_timeout_s=self.cluster.weight_broadcast_timeout_s,
             ray_namespace=self.cluster.namespace,
         )
 

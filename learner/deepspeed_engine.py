@@ -95,13 +95,14 @@ class PolicyEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else fallback
 
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """The whole policy, gathered from ZeRO-3 shards when needed, on CPU."""
+    def full_state_dict(self, *, on_cpu: bool = True) -> dict[str, Tensor]:
+        """The whole policy, gathered from ZeRO-3 shards when needed; on CPU unless `on_cpu` is False (a GPU
+        broadcast sends from the device)."""
         if self.engine.zero_optimization_stage() == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             state = self.module.state_dict()
-        return {k: v.detach().cpu() for k, v in state.items()}
+        return {k: v.detach().cpu() if on_cpu else v.detach() for k, v in state.items()}
 
     def load_module_state(self, state: dict[str, Tensor]) -> tuple[list[str], list[str]]:
         """Load full weights into the policy; under ZeRO-3 the partitioned parameters are gathered first."""

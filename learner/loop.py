@@ -37,8 +37,9 @@ from learner.objectives import ObjectiveInputs, compute_objective, tb_log_reward
 from learner.weights import WeightSlots, announcement, publish_weights
 from replay.handshake import wait_for_batch
 from replay.priority import estimate_error
-from replay.records import SampledBatch
+from replay.records import SampledBatch, encode_weight_version
 from replay.store import ReplayStore
+from replay.weight_broadcast import WeightSender, broadcast_uri
 from replay.weight_store import ship
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class Learner:
         self.version = 0
         self._probe: tuple[list[int], list[int]] | None = None
         self._slots: WeightSlots | None = None
+        self.sender: WeightSender | None = None
+        """broadcast transport: the newest version's snapshot, served to clients by LearnerServer."""
         # Accuracies of the fresh groups of the last few steps: their mean is the constant estimate that a(x) is
         # compared with (recent, so that it follows a policy that improves, as a(x) has to).
         self._recent_accuracy: deque[list[float]] = deque(maxlen=CONSTANT_WINDOW_STEPS)
@@ -381,28 +384,40 @@ class Learner:
         through the run's transport, and announce it; the log Z heads are never included."""
         self.version += int(bump)
         engine_dtype = torch_dtype(self.cfg.engine_dtype)  # what the rollout engines hold: half the bytes for bf16
-        state = self.engine.full_state_dict()
-        if self.cfg.weight_transport == "shared_memory":  # copied in place into a slot, cast on the way
+        transport = self.cfg.weight_transport
+        state = self.engine.full_state_dict(on_cpu=transport != "broadcast")
+        if transport == "shared_memory":  # copied in place into a slot, cast on the way
             if self._slots is None:
                 self._slots = WeightSlots(self.weights_root, dtype=engine_dtype)
             path = str(self._slots.publish(state, self.version))
+        elif transport == "broadcast":  # served from the snapshot below, on request (replay/weight_broadcast.py)
+            path = broadcast_uri(self.cfg.learner_actor, self.version)
         else:
             state = {k: v.to(engine_dtype) if v.is_floating_point() else v for k, v in state.items()}
-            if self.cfg.weight_transport == "object_store":  # any node, no shared path (replay/weight_store.py)
+            if transport == "object_store":  # any node, no shared path (replay/weight_store.py)
                 path = ship(self.cfg.weight_store, self.cfg.ray_namespace, self.version, state)
             else:
                 path = str(publish_weights(self.engine.module, state, self.weights_root, version=self.version))
         probe = self._probe or ([self.pad_id], [self.pad_id])
-        self.store.announce_weights(
-            announcement(
-                self.engine.module,
-                path,
-                version=self.version,
-                step=self.step_count,
-                probe=probe,
-                engine_dtype=self.cfg.engine_dtype,
-            )
+        weights = announcement(
+            self.engine.module,
+            path,
+            version=self.version,
+            step=self.step_count,
+            probe=probe,
+            engine_dtype=self.cfg.engine_dtype,
         )
+        if transport == "broadcast":  # the snapshot and the announcement it is sent with change together
+            if self.sender is None:
+                device = next(self.engine.module.parameters()).device
+                self.sender = WeightSender(
+                    host=self.cfg.weight_broadcast_host,
+                    device=device,
+                    dtype=engine_dtype,
+                    timeout_s=self.cfg.weight_broadcast_timeout_s,
+                )
+            self.sender.publish(state, self.version, encode_weight_version(weights))
+        self.store.announce_weights(weights)
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory: Path) -> None:

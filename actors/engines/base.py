@@ -40,6 +40,20 @@ class Engine(Protocol):
         """Replace the weights in place from a Hugging Face safetensors directory."""
         ...
 
+    @property
+    def weight_receivers(self) -> int:
+        """Processes holding the weights, each a rank of the broadcast channel (vLLM: its workers)."""
+        ...
+
+    def join_weight_channel(self, info_json: str, own_host: str) -> None:
+        """Join a broadcast weight channel (replay/weight_broadcast.py: ChannelInfo) as ranks 1..weight_receivers,
+        listening on `own_host`; blocks until the learner's rank has joined too."""
+        ...
+
+    def receive_weights(self) -> int:
+        """Receive the version the learner is sending now into the weights in place; returns its number."""
+        ...
+
     def logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         """Teacher-forced log-probs of `response` after `prompt` under the engine's current weights (temperature
         1): how a weight update is verified against the learner's probe."""

@@ -3,7 +3,8 @@
 It samples G responses per tokenised prompt and returns, for each, the token ids (EOS included when it was
 generated), the log-prob of every sampled token under the distribution it was actually drawn from (after
 temperature and top-p: the behaviour policy that off-policy objectives need), the text and why it stopped.
-New weights are loaded in place from a safetensors directory.
+New weights are loaded in place from a safetensors directory or received over a weight channel
+(replay/weight_broadcast.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from actors.engines.base import FinishReason, Sample, check_sampling
 from configs.dtypes import torch_dtype
 from configs.schema import SamplingConfig
 from learner.logprobs import response_logprobs
+from replay.weight_broadcast import WeightReceiver
 
 
 class HFEngine:
@@ -29,6 +31,7 @@ class HFEngine:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).eval()
         self.batch_size = batch_size
         self.weight_version = 0
+        self._receiver: WeightReceiver | None = None
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int = 0) -> list[list[Sample]]:
@@ -94,14 +97,29 @@ class HFEngine:
             state.update(load_file(path))
         if not state:
             raise FileNotFoundError(f"no *.safetensors in {weights_dir}")
+        self._load_state(state, str(weights_dir))
+        self.weight_version = version
+
+    weight_receivers = 1
+    """Processes that receive broadcast weights: this one."""
+
+    def join_weight_channel(self, info_json: str, own_host: str) -> None:
+        self._receiver = WeightReceiver(info_json, 1, own_host=own_host, device=self.model.device)
+
+    def receive_weights(self) -> int:
+        if self._receiver is None:
+            raise RuntimeError("no weight channel joined")
+        version, tensors = self._receiver.receive()
+        self._load_state(dict(tensors), "the weight channel")
+        self.weight_version = version
+        return version
+
+    def _load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         # A tied output layer is saved once, as the embedding; loading that updates both.
         may_miss = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
         if unexpected or set(missing) - may_miss:
-            raise ValueError(
-                f"weights in {weights_dir} do not fit the model: missing {missing}, unexpected {unexpected}"
-            )
-        self.weight_version = version
+            raise ValueError(f"weights from {source} do not fit the model: missing {missing}, unexpected {unexpected}")
 
     def logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         return response_logprobs(self.model, prompt, response)

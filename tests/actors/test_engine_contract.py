@@ -3,6 +3,7 @@ pass, stop handling, and in-place weight updates that really change what the eng
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from actors.engines.base import build_engine
 from configs.schema import HFEngineConfig, SamplingConfig, VLLMEngineConfig
 from learner.logprobs import token_logprobs
+from replay.weight_broadcast import WeightSender
 
 ENGINES = ["hf", pytest.param("vllm", marks=pytest.mark.slow)]
 
@@ -135,3 +137,62 @@ def test_teacher_forced_probe_matches_the_weights(engine: Any, tiny_model_dir: P
     prompt, response = _prompts(engine)[0], [5, 6, 7, 8, 2]
     got = torch.tensor(engine.logprobs(prompt, response))
     assert (got - _teacher_forced(tiny_model_dir, prompt, response)).abs().max() < 1e-3
+
+
+def _perturbed(model_dir: Path, out: Path, seed: int) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen) * p.std().clamp_min(1e-3))
+    model.save_pretrained(out)
+    return model.state_dict()  # tied: lm_head.weight is the embedding's tensor, sent once
+
+
+def _send_and_receive(engine: Any, sender: Any, client: str) -> tuple[int, bytes]:
+    """The learner's send on a thread (as its serving thread would), the engine's receive here."""
+    sent: dict[str, bytes] = {}
+    thread = threading.Thread(target=lambda: sent.update(a=sender.send(client)))
+    thread.start()
+    version = engine.receive_weights()
+    thread.join(timeout=60)
+    return version, sent["a"]
+
+
+def test_weights_received_over_a_broadcast_channel(engine: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The broadcast transport (gloo here, NCCL on GPUs): a sender holding the learner's snapshot, the engine's
+    processes joined as ranks 1..n; after each receive the engine computes with the sent weights, version by
+    version over the same channel."""
+    sender = WeightSender(host="127.0.0.1", device=torch.device("cpu"), dtype=torch.float32, timeout_s=60)
+    sampling = SamplingConfig(num_samples=4, max_new_tokens=16)
+    try:
+        for version, seed in ((7, 1), (8, 2)):
+            state = _perturbed(tiny_model_dir, tmp_path / f"v{version}", seed)
+            sender.publish(state, version, f"announcement {version}".encode())
+            if version == 7:
+                engine.join_weight_channel(sender.open("contract", 1 + engine.weight_receivers), "127.0.0.1")
+            assert _max_logprob_gap(engine, tmp_path / f"v{version}", sampling) > 1e-2  # not yet
+            got, announcement = _send_and_receive(engine, sender, "contract")
+            assert (got, engine.weight_version, announcement) == (version, version, f"announcement {version}".encode())
+            assert _max_logprob_gap(engine, tmp_path / f"v{version}", sampling) < 1e-3
+    finally:
+        engine.load_weights(tiny_model_dir, version=0)
+
+
+@pytest.mark.gpu
+def test_vllm_receives_weights_over_nccl(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The GPU path: the learner's snapshot on a CUDA device, NCCL into a vLLM engine on the GPU (both on one GPU
+    here: a learner and an engine sharing a device is how a one-GPU user runs)."""
+    eng = build_engine(
+        VLLMEngineConfig(max_model_len=256, gpu_memory_utilization=0.2), tiny_model_dir, dtype="float32", seed=0
+    )
+    sender = WeightSender(host="127.0.0.1", device=torch.device("cuda:0"), dtype=torch.float32, timeout_s=120)
+    try:
+        state = {k: v.cuda() for k, v in _perturbed(tiny_model_dir, tmp_path / "v3", 3).items()}
+        sender.publish(state, 3, b"v3")
+        eng.join_weight_channel(sender.open("gpu", 1 + eng.weight_receivers), "127.0.0.1")
+        got, _ = _send_and_receive(eng, sender, "gpu")
+        assert got == 3
+        assert _max_logprob_gap(eng, tmp_path / "v3", SamplingConfig(num_samples=4, max_new_tokens=16)) < 1e-3
+    finally:
+        eng.close()

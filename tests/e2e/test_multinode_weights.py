@@ -1,7 +1,8 @@
 """Weights without a shared filesystem: a Ray cluster of three nodes on this machine (`ray.cluster_utils.Cluster`:
 separate raylets and object stores), the learner pinned to one node and the rollout actors to another by custom
-resources, weights moved through Ray's object store. Actors load and verify every version they pick up, and no
-weight directory is ever written where the learner would have put it.
+resources, weights moved through Ray's object store or broadcast from the learner's process over a gloo channel
+(NCCL on GPUs). Actors load and verify every version they pick up, and no weight directory is ever written where
+the learner would have put it.
 
 It runs in a subprocess: the suite's own Ray (a single-node cluster) stays as it is."""
 
@@ -37,6 +38,7 @@ cfg = load_config("tiny_cpu", [
     "cluster.learner_resources={num_cpus: 0.5, custom: {learner_node: 1}}",
     "cluster.rollout_resources={num_cpus: 0.25, custom: {rollout_node: 0.25}}",
     "cluster.num_rollout_actors=2", "learner.num_steps=8", "eval.every_steps=4", "eval.num_prompts=4",
+    *sys.argv[3:],
 ])
 import ray
 summary = train(cfg, console=Console(file=io.StringIO()))
@@ -50,11 +52,13 @@ cluster.shutdown()
 """
 
 
-def test_actors_on_another_node_load_every_version_through_the_object_store(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
+def test_actors_on_another_node_load_every_version(tmp_path: Path, transport: str) -> None:
+    """object_store is what 'auto' picks on a cluster; broadcast is the GPU cluster's transport, on gloo here."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
     env["RAY_AUTH_MODE"] = "disabled"  # a private test cluster on loopback
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path), str(MODEL_CACHE)],
+        [sys.executable, "-c", SCRIPT, str(tmp_path), str(MODEL_CACHE), f"cluster.weight_transport={transport}"],
         cwd=REPO,
         env=env,
         capture_output=True,
