@@ -9,8 +9,8 @@ Both steps see identical batches (groups of G responses padded to the same width
 and an AdamW step under DeepSpeed ZeRO-0 on CPU; tokens/s counts non-padding tokens. The TB step adds the log Z
 head, the objective and the float32 log-prob sums; the target is >= 0.9x the plain step. Publishing copies the
 policy, cast to the engine dtype, into a preallocated shared-memory slot (learner/weights.py: WeightSlots); the
-baseline is `{k: v.clone()}` of the state dict (target <= 2x). The announcement's probe (one short forward pass)
-and the directory-per-version path (save_pretrained; shared filesystems) are timed beside it.
+baseline clones each of the state dict's tensors, tied ones once (target <= 2x). The announcement's probe (one
+short forward pass) and the directory-per-version path (save_pretrained; shared filesystems) are timed beside it.
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ def _bench_dtype(model_dir: Path, batch: Any, dtype: str, args: argparse.Namespa
     tokens = batch.num_tokens
     ce_s, tb_s = best_of(ce_step, args.repeats), best_of(tb_step, args.repeats)
     state = engine.full_state_dict()
-    raw_s = best_of(lambda: {k: v.clone() for k, v in state.items()}, args.repeats)
+    unique = {v.data_ptr(): v for v in state.values()}  # tied weights (embedding = LM head) once, as published
+    raw_s = best_of(lambda: [v.clone() for v in unique.values()], args.repeats)
     root = Path(tempfile.mkdtemp(prefix="paceflow-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     version = iter(range(1, 1000))
     probe = (batch.input_ids_BT[0, : args.prompt_tokens].tolist(), batch.input_ids_BT[0, args.prompt_tokens :].tolist())
