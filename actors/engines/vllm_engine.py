@@ -36,6 +36,7 @@ class VLLMEngine:
             gpu_memory_utilization=utilization,
             tensor_parallel_size=cfg.tensor_parallel_size,
             seed=seed,
+            kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30) if cfg.kv_cache_gib and not on_gpu else None,
             logprobs_mode="processed_logprobs",
             worker_extension_cls="actors.engines.vllm_worker.WeightChannelExtension",
         )
