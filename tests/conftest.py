@@ -7,6 +7,7 @@ Models are cached under the repository's .cache/ (git-ignored), so a second run 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,21 @@ from configs.schema import SmolLM2ModelConfig, TinyModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CACHE = REPO / ".cache" / "models"
+
+
+def save_perturbed(model_dir: Path, out: Path, *, seed: int, scale: float) -> Any:
+    """The float32 model in `model_dir` with each parameter moved by `scale` x its std of seeded noise, saved to
+    `out` (a new weight version whose log-probs differ measurably); returns the model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen) * p.std().clamp_min(1e-3))
+    model.save_pretrained(out)
+    return model
 
 
 @pytest.fixture(scope="session")

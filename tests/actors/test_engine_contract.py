@@ -16,6 +16,7 @@ from actors.engines.base import build_engine
 from configs.schema import HFEngineConfig, SamplingConfig, VLLMEngineConfig
 from learner.logprobs import token_logprobs
 from replay.weight_broadcast import WeightSender
+from tests.conftest import save_perturbed
 
 ENGINES = ["hf", pytest.param("vllm", marks=pytest.mark.slow)]
 
@@ -114,12 +115,7 @@ def test_weight_update_changes_the_engine_to_the_new_weights(engine: Any, tiny_m
     """After load_weights the engine's log-probs match a forward pass of the *new* weights (the check that
     catches a sync that silently did nothing), and the version moves."""
     new_dir = tmp_path / "v1"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        for p in model.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=gen) * p.std().clamp_min(1e-3))
-    model.save_pretrained(new_dir)
+    save_perturbed(tiny_model_dir, new_dir, seed=0, scale=0.5)
     sampling = SamplingConfig(num_samples=4, max_new_tokens=16)
     assert _max_logprob_gap(engine, new_dir, sampling) > 1e-2  # before: the engine still has the old weights
     engine.load_weights(new_dir, version=1)
@@ -140,13 +136,8 @@ def test_teacher_forced_probe_matches_the_weights(engine: Any, tiny_model_dir: P
 
 
 def _perturbed(model_dir: Path, out: Path, seed: int) -> dict[str, torch.Tensor]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=gen) * p.std().clamp_min(1e-3))
-    model.save_pretrained(out)
-    return model.state_dict()  # tied: lm_head.weight is the embedding's tensor, sent once
+    # Tied: lm_head.weight is the embedding's tensor, sent once.
+    return dict(save_perturbed(model_dir, out, seed=seed, scale=0.5).state_dict())
 
 
 def _send_and_receive(engine: Any, sender: Any, client: str) -> tuple[int, bytes]:
@@ -180,6 +171,7 @@ def test_weights_received_over_a_broadcast_channel(engine: Any, tiny_model_dir: 
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_vllm_receives_weights_over_nccl(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The GPU path: the learner's snapshot on a CUDA device, NCCL into a vLLM engine on the GPU (both on one GPU
     here: a learner and an engine sharing a device is how a one-GPU user runs)."""

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from actors.rollout_worker import RolloutWorker, WeightSyncError, start_rollout_actor
 from actors.scheduler import PromptScheduler, start_scheduler_server
@@ -23,7 +22,7 @@ from learner.logprobs import token_logprobs
 from replay.memory_store import MemoryStore
 from replay.records import WeightVersion
 from replay.remote import RemoteStore, start_replay_server
-from tests.conftest import MODEL_CACHE
+from tests.conftest import MODEL_CACHE, save_perturbed
 
 
 def _cfg(*overrides: str) -> RunConfig:
@@ -50,12 +49,7 @@ def _worker(cfg: RunConfig, model_dir: Path, store: Any) -> RolloutWorker:
 
 
 def _perturbed_weights(model_dir: Path, out: Path, version: int, *, probe_ok: bool = True) -> WeightVersion:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(version)
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen) * p.std().clamp_min(1e-3))
-    model.save_pretrained(out)
+    model = save_perturbed(model_dir, out, seed=version, scale=0.3)
     prompt, response = [5, 6, 7], [8, 9, 2]
     ids = torch.tensor([prompt + response])
     with torch.no_grad():
