@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from cluster.compare import OBJECTIVES
 from cluster.control import RunUnavailable
 from configs.load import (
     ConfigError,
@@ -37,6 +38,7 @@ examples:
   paceflow demo smollm2_cpu --prompts 4              sample and score rollout groups on this machine
   paceflow train tiny_cpu                            train end to end on this CPU (minutes)
   paceflow eval runs/smollm2_cpu --against base      held-out metrics of a run's final policy vs the base model
+  paceflow compare smollm2_cpu --rollouts 960 --seeds 3   GRPO, TB, PACED-RL, PowerFlow on one rollout budget
   paceflow eval base smollm2_cpu --samples 8         the base model on the preset's held-out prompts
   paceflow report runs/smollm2_cpu                   (re)draw a run's plots and markdown report
   paceflow status runs/tiny_cpu                      a running job: step, actors, throughput, replay, lag
@@ -204,6 +206,23 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_stop)
 
     p = sub.add_parser(
+        "compare",
+        help="objectives head to head on one rollout budget: table, learning curves, CIs across seeds",
+        description="Train each objective (--objectives) on CONFIG's model, task and prompts, from the same seeds, "
+        "in synchronous mode, each for the number of steps that consumes --rollouts generated responses; evaluate "
+        "on the held-out split before, during and after; write OUT/compare.md (the table: final held-out accuracy "
+        "with a 95% CI across seeds), OUT/compare.png (held-out accuracy against rollouts and against seconds), "
+        "OUT/compare.json and every run's directory. PACED-RL brings its prompt scheduler and success buffer; the "
+        "others run with uniform prompts. Runs one after another on this machine (or on the cluster's Ray).",
+    )
+    with_config(p)
+    p.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated (default: all four)")
+    p.add_argument("--rollouts", type=int, required=True, help="responses generated per run: the budget")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per objective (default 1; >= 3 for real CIs)")
+    p.add_argument("--out", default=None, help="output directory (default: OUTPUT_DIR/compare-NAME)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser(
         "demo",
         help="sample and score rollout groups with the configured model and task",
         description="The smallest real slice of the pipeline: prepare the model, load the task, sample "
@@ -213,6 +232,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=4, help="number of training prompts to roll out (default 4)")
     p.set_defaults(func=_demo)
     return parser
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from rich.console import Console
+
+    from cluster.compare import compare
+    from cluster.console import third_party_output_to
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.output_dir).expanduser() / f"compare-{cfg.name}"
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    unknown = [o for o in objectives if o not in OBJECTIVES]
+    if unknown or not objectives:
+        raise ConfigError(f"--objectives: got {(unknown or [''])[0]!r}, allowed {', '.join(OBJECTIVES)}")
+    if args.rollouts < 1 or args.seeds < 1:
+        raise ConfigError(f"--rollouts and --seeds must be >= 1 (got {args.rollouts} and {args.seeds})")
+    command = shlex.join(["paceflow", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"] else None
+    with third_party_output_to(out / "compare.log") as terminal:
+        compare(
+            args.config,
+            list(args.overrides),
+            objectives,
+            rollouts=args.rollouts,
+            seeds=args.seeds,
+            out=out,
+            console=Console(file=terminal),
+            command=command,
+        )
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -1,0 +1,233 @@
+"""`paceflow compare`: objectives head to head on one rollout budget.
+
+Each objective trains the same model on the same task and prompts, from the same seeds, in synchronous mode, so
+that every learner step consumes exactly the groups generated for it and "the same number of rollouts" means the
+same thing for all: steps = budget / (fresh groups per step x responses per group). What an objective needs comes
+with it and nothing else changes: PACED-RL its prompt scheduler and success buffer, the others uniform prompts and
+no success buffer; an objective that is the config's own keeps the config's settings for it. Every run is
+evaluated on the held-out split before training, a few times during it and at the end.
+
+Outputs in OUT: compare.json (every evaluation of every run), compare.md (the table, the figure and the command),
+compare.png (held-out accuracy against rollouts and against seconds), and each run's own directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from configs.load import ConfigError, load_config
+from configs.schema import RunConfig
+
+OBJECTIVES = ("grpo", "tb", "paced", "powerflow")
+EVALS_PER_RUN = 4
+
+
+@dataclass
+class RunResult:
+    objective: str
+    seed: int
+    steps: int
+    run_dir: str
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """Per evaluation: step, rollouts, elapsed_s and the avg@k estimate (mean, low, high, n)."""
+
+
+def objective_overrides(base: RunConfig, kind: str) -> list[str]:
+    """The overrides that make `base` train with objective `kind` and what that objective needs."""
+    if kind not in OBJECTIVES:
+        raise ConfigError(f"--objectives: got {kind!r}, allowed {', '.join(OBJECTIVES)}")
+    objective = [] if base.objective.kind == kind else [f"objective={{kind: {kind}}}"]
+    if kind == "paced":
+        keep_buffer = base.objective.kind == "paced" and base.replay.success_buffer is not None
+        return [*objective, "rollout.scheduler={kind: paced}", *([] if keep_buffer else ["replay.success_buffer={}"])]
+    return [*objective, "rollout.scheduler={kind: uniform}", "replay.success_buffer=null"]
+
+
+def plan(config: str, overrides: list[str], kind: str, *, rollouts: int, seed: int, out: Path) -> RunConfig:
+    """The config of one run: `kind` on `config`'s model, task and prompts, sized to `rollouts` responses. One
+    actor generates exactly the fresh groups each step trains on (learner.sync), so steps x groups x G is the
+    budget for every objective alike."""
+    base = load_config(config, overrides)
+    shaped = [*overrides, *objective_overrides(base, kind)]
+    # Fresh groups per step (PACED-RL's success buffer takes a share), from the config before it is made synchronous.
+    groups = load_config(config, [*shaped, "learner.sync=false"]).batch_plan[0]
+    steps = max(1, round(rollouts / (groups * base.rollout.sampling.num_samples)))
+    return load_config(
+        config,
+        [
+            *shaped,
+            "learner.sync=true",
+            "replay.fresh_fraction=1.0",
+            "cluster.num_rollout_actors=1",
+            f"rollout.prompts_per_batch={groups}",
+            f"learner.num_steps={steps}",
+            f"eval.every_steps={max(1, math.ceil(steps / EVALS_PER_RUN))}",
+            f"seed={seed}",
+            f"name={base.name}-{kind}-s{seed}",
+            f"output_dir={out}",
+        ],
+    )
+
+
+def compare(
+    config: str,
+    overrides: list[str],
+    objectives: list[str],
+    *,
+    rollouts: int,
+    seeds: int,
+    out: Path,
+    console: Console,
+    command: str | None = None,
+) -> list[RunResult]:
+    """Train every objective with every seed (sequentially, on this Ray), then write the table and the figure."""
+    from cluster.launch import train
+
+    if rollouts < 1 or seeds < 1:
+        raise ConfigError(f"--rollouts and --seeds must be >= 1 (got {rollouts} and {seeds})")
+    configs = [plan(config, overrides, k, rollouts=rollouts, seed=s, out=out) for s in range(seeds) for k in objectives]
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, cfg in enumerate(configs, 1):
+        console.print(f"[bold]compare[/] run {i}/{len(configs)}: {cfg.objective.kind}, seed {cfg.seed}, "
+                      f"{cfg.learner.num_steps} steps")  # fmt: skip
+        summary = train(cfg, console=console)
+        result = RunResult(cfg.objective.kind, cfg.seed, len(summary.steps), str(summary.run_dir))
+        per_step = cfg.batch_plan[0] * cfg.rollout.sampling.num_samples  # what each synchronous step consumed
+        for e in summary.evals:
+            name = next(k for k in e["metrics"] if k.startswith("avg@"))
+            result.evals.append(
+                {
+                    "step": e["step"],
+                    "rollouts": e["step"] * per_step,
+                    "generated": e["rollouts"],  # includes the batch the actor had ready for the next step
+                    "elapsed_s": e["elapsed_s"],
+                    name: e["metrics"][name],
+                }
+            )
+        results.append(result)
+        (out / "compare.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    write_report(results, out, command=command)
+    console.print(summary_table(results))
+    console.print(f"table and figure: {out / 'compare.md'}, {out / 'compare.png'}")
+    return results
+
+
+def _metric(evaluation: dict[str, Any]) -> tuple[str, dict[str, float]]:
+    name = next(k for k in evaluation if k.startswith("avg@"))
+    return name, evaluation[name]
+
+
+def final_estimates(results: list[RunResult]) -> dict[str, dict[str, float]]:
+    """Per objective: the final held-out accuracy, mean over seeds with a 95% t-interval (one seed: the run's
+    own interval over prompts), the base model's, and the rollouts and seconds it took."""
+    out: dict[str, dict[str, float]] = {}
+    for kind in dict.fromkeys(r.objective for r in results):
+        runs = [r for r in results if r.objective == kind and r.evals]
+        finals = [_metric(r.evals[-1])[1] for r in runs]
+        means = [f["mean"] for f in finals]
+        mean = statistics.fmean(means)
+        if len(means) > 1:
+            half = _t95(len(means) - 1) * statistics.stdev(means) / math.sqrt(len(means))
+            low, high = max(0.0, mean - half), min(1.0, mean + half)  # an accuracy stays in [0, 1]
+        else:
+            low, high = finals[0]["low"], finals[0]["high"]
+        out[kind] = {
+            "final": mean,
+            "low": low,
+            "high": high,
+            "base": statistics.fmean(_metric(r.evals[0])[1]["mean"] for r in runs),
+            "rollouts": statistics.fmean(r.evals[-1]["rollouts"] for r in runs),
+            "seconds": statistics.fmean(r.evals[-1]["elapsed_s"] for r in runs),
+            "seeds": len(runs),
+        }
+    return out
+
+
+def _t95(dof: int) -> float:
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+    return table.get(dof, 1.96 if dof > 30 else 2.1)
+
+
+def summary_table(results: list[RunResult]) -> Table:
+    table = Table(title="paceflow compare: held-out accuracy at the end of the same rollout budget")
+    for column in ("objective", "seeds", "base", "final [95% CI]", "gain", "rollouts", "seconds"):
+        table.add_column(column, justify="left" if column == "objective" else "right")
+    for kind, e in final_estimates(results).items():
+        table.add_row(
+            kind,
+            str(int(e["seeds"])),
+            f"{e['base']:.3f}",
+            f"{e['final']:.3f} [{e['low']:.3f}, {e['high']:.3f}]",
+            f"{e['final'] - e['base']:+.3f}",
+            f"{e['rollouts']:.0f}",
+            f"{e['seconds']:.0f}",
+        )
+    return table
+
+
+def write_report(results: list[RunResult], out: Path, *, command: str | None) -> None:
+    """compare.md (table + figure + command) and compare.png."""
+    estimates = final_estimates(results)
+    metric = _metric(results[0].evals[0])[0] if results and results[0].evals else "avg@k"
+    lines = [
+        "# paceflow compare",
+        "",
+        f"Held-out {metric} after the same rollout budget; mean over seeds with a 95% t-interval across seeds "
+        "(one seed: the interval over held-out prompts).",
+        "",
+        "| objective | seeds | base | final [95% CI] | gain | rollouts | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, e in estimates.items():
+        lines.append(
+            f"| {kind} | {e['seeds']:.0f} | {e['base']:.3f} | {e['final']:.3f} [{e['low']:.3f}, {e['high']:.3f}] | "
+            f"{e['final'] - e['base']:+.3f} | {e['rollouts']:.0f} | {e['seconds']:.0f} |"
+        )
+    lines += ["", "![held-out accuracy against rollouts and seconds](compare.png)", ""]
+    if command:
+        lines += ["Command:", "", "```bash", command, "```", ""]
+    (out / "compare.md").write_text("\n".join(lines))
+    _plot(results, out / "compare.png", metric)
+
+
+def _plot(results: list[RunResult], path: Path, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {kind: palette[i % len(palette)] for i, kind in enumerate(dict.fromkeys(r.objective for r in results))}
+    for kind, color in colors.items():
+        runs = [r for r in results if r.objective == kind and r.evals]
+        for r in runs:  # each seed thin, their mean thick
+            ys = [_metric(e)[1]["mean"] for e in r.evals]
+            axes[0].plot([e["rollouts"] for e in r.evals], ys, color=color, alpha=0.25, linewidth=1)
+            axes[1].plot([e["elapsed_s"] for e in r.evals], ys, color=color, alpha=0.25, linewidth=1)
+        n = min(len(r.evals) for r in runs)
+        mean_y = [statistics.fmean(_metric(r.evals[i])[1]["mean"] for r in runs) for i in range(n)]
+        mean_x = [statistics.fmean(r.evals[i]["rollouts"] for r in runs) for i in range(n)]
+        mean_t = [statistics.fmean(r.evals[i]["elapsed_s"] for r in runs) for i in range(n)]
+        label = f"{kind} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        axes[0].plot(mean_x, mean_y, marker="o", color=color, linewidth=2, label=label)
+        axes[1].plot(mean_t, mean_y, marker="o", color=color, linewidth=2)
+    axes[0].set_xlabel("rollouts (responses trained on)")
+    axes[1].set_xlabel("seconds since the run started")
+    axes[0].set_ylabel(f"held-out {metric}")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("paceflow compare: one rollout budget, every objective")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,56 @@
+"""`paceflow compare`: every objective gets the same model, task, prompts and rollout budget, and the comparison
+comes out as a table, a figure and JSON; on the tiny model, for real (Ray, the learner, the actors, evaluations)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from cluster.cli import main
+from cluster.compare import compare, plan
+from tests.conftest import MODEL_CACHE
+
+
+@pytest.mark.parametrize("config", ["tiny_cpu", "smollm2_cpu"])
+def test_every_objective_gets_the_same_budget_and_what_it_needs(config: str, tmp_path: Path) -> None:
+    runs = {k: plan(config, [], k, rollouts=960, seed=1, out=tmp_path) for k in ("grpo", "tb", "paced", "powerflow")}
+    for kind, cfg in runs.items():
+        assert cfg.objective.kind == kind and cfg.learner.sync and cfg.seed == 1
+        groups, _ = cfg.batch_plan
+        spent = cfg.learner.num_steps * groups * cfg.rollout.sampling.num_samples
+        assert abs(spent - 960) <= groups * cfg.rollout.sampling.num_samples / 2  # the nearest whole step
+        assert cfg.rollout.prompts_per_batch * cfg.cluster.num_rollout_actors == groups  # each step's own groups
+        paced = kind == "paced"
+        assert (cfg.rollout.scheduler.kind == "paced") == paced
+        assert (cfg.replay.success_buffer is not None) == paced
+    same = {json.dumps([c.model.model_dump(mode="json"), c.task.model_dump(mode="json"),
+                        c.rollout.sampling.model_dump(mode="json"), c.learner.lr]) for c in runs.values()}  # fmt: skip
+    assert len(same) == 1  # model, task, prompts, sampling and optimiser do not change with the objective
+
+
+def test_unknown_objective_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "tiny_cpu", "--objectives", "grpo,ppo", "--rollouts", "64"]) == 2
+    assert "--objectives: got 'ppo'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_two_objectives_on_the_tiny_model(ray_local: Any, tmp_path: Path) -> None:
+    overrides = [f"model.cache_dir={MODEL_CACHE}", "eval.num_prompts=4", "eval.num_samples=2"]
+    results = compare(
+        "tiny_cpu", overrides, ["grpo", "paced"], rollouts=32, seeds=1, out=tmp_path, console=Console(width=120)
+    )
+    assert [r.objective for r in results] == ["grpo", "paced"]
+    for r in results:
+        assert r.evals[0]["step"] == 0 and r.evals[0]["rollouts"] == 0  # the base model first
+        assert r.evals[-1]["step"] == r.steps and 24 <= r.evals[-1]["rollouts"] <= 40  # the budget, both alike
+        assert r.evals[-1]["generated"] >= r.evals[-1]["rollouts"]
+        assert all("avg@2" in e for e in r.evals)
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["objective"] for r in saved] == ["grpo", "paced"]
+    table = (tmp_path / "compare.md").read_text()
+    assert "| grpo | 1 |" in table and "| paced | 1 |" in table and "compare.png" in table
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
