@@ -67,7 +67,7 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
     }
     curves = {}
     for dtype in args.dtypes:
-        tag = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+        tag = {"float32": "fp32", "bfloat16": "bf16", "autocast": "bf16ac"}[dtype]
         result = _bench_dtype(model_dir, batch, dtype, args)
         row["parameters"] = result.pop("parameters")
         curves[tag] = result.pop("loss_curve")
@@ -81,6 +81,11 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
         gaps = [abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"], strict=True)]
         row["loss_curve_max_abs_diff"] = round(max(gaps), 4)
         row["loss_curve_range_fp32"] = round(max(curves["fp32"]) - min(curves["fp32"]), 4)
+    if "fp32" in curves and "bf16ac" in curves:
+        row["bf16ac_vs_fp32_tb_tok_s"] = round(row["bf16ac_tb_step_tok_s"] / row["fp32_tb_step_tok_s"], 2)
+        row["loss_curve_bf16ac"] = curves["bf16ac"]
+        gaps = [abs(a - b) for a, b in zip(curves["fp32"], curves["bf16ac"], strict=True)]
+        row["loss_curve_bf16ac_max_abs_diff"] = round(max(gaps), 4)
     return row
 
 
@@ -104,18 +109,21 @@ def _bench_dtype(model_dir: Path, batch: Any, dtype: str, args: argparse.Namespa
     from learner.objectives import ObjectiveInputs, tb_log_reward, tb_loss
     from learner.weights import WeightSlots, announcement, publish_weights
 
+    mode, dtype = dtype, "float32" if dtype == "autocast" else dtype  # autocast: float32 weights, bf16 matmuls
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
     cfg = LearnerConfig(lr=args.lr, groups_per_step=args.groups, micro_batch_size=batch.num_rows, dtype=dtype)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast")
     engine = PolicyEngine(model, cfg)
     head = LogZHead(model.config.hidden_size)  # float32, as in the learner
     head_opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     objective = TBObjectiveConfig(use_reference=False)
 
     def tb_step() -> float:
-        logp, hidden = token_logprobs(
-            engine.module, batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT, return_hidden=True
-        )
+        with autocast:
+            logp, hidden = token_logprobs(
+                engine.module, batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT, return_hidden=True
+            )
         inputs = ObjectiveInputs(
             logp_BT=logp,
             mask_BT=batch.response_mask_BT,
@@ -132,7 +140,8 @@ def _bench_dtype(model_dir: Path, batch: Any, dtype: str, args: argparse.Namespa
 
     def ce_step() -> None:
         labels = batch.input_ids_BT.masked_fill(batch.response_mask_BT == 0, -100)
-        out = engine.module(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, labels=labels)
+        with autocast:
+            out = engine.module(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, labels=labels)
         engine.backward(out.loss, last=True)
         engine.step()
 
@@ -182,7 +191,13 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--response-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16", "autocast"],
+        choices=["float32", "bfloat16", "autocast"],
+        help="autocast: float32 weights, forward under bfloat16 autocast (learner.autocast)",
+    )
     parser.add_argument("--curve-steps", type=int, default=6, help="TB steps of the loss curve compared across dtypes")
     parser.add_argument("--lr", type=float, default=1e-5)
     args = parser.parse_args()

@@ -503,10 +503,26 @@ class LearnerConfig(Section):
     checkpoint_every_steps: int = Field(0, ge=0)
     """Write a resumable checkpoint every this many steps (0: only at the end of the run)."""
     dtype: DType = "float32"
-    """Compute dtype of the learner (sums of log-probs are always float32)."""
+    """The policy's weights and arithmetic in the learner (sums of log-probs are always float32). bfloat16 keeps
+    float32 master weights in the optimizer, but the forward pass sees the bf16 copy, which moves only once the
+    accumulated update exceeds bf16's resolution: at lr ~1e-5 it learns much more slowly per step (docs/results.md).
+    For bf16 speed, prefer float32 weights with `autocast`."""
+    autocast: Literal["bfloat16", "float16"] | None = None
+    """Run the policy's forward pass (and so its backward) under torch.autocast in this dtype while the weights,
+    gradients and optimizer stay float32 (learner.dtype must be float32): the matmuls at bf16 speed, every update
+    kept."""
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     num_learners: int = Field(1, ge=1, le=1024)
     """Data-parallel learner processes (one per GPU on a cluster)."""
+
+    @model_validator(mode="after")
+    def _autocast_needs_float32_weights(self) -> LearnerConfig:
+        if self.autocast is not None and self.dtype != "float32":
+            raise ValueError(
+                f"learner.autocast={self.autocast} runs float32 weights in {self.autocast}; learner.dtype is "
+                f"{self.dtype}: set learner.dtype=float32 (or autocast=null)"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------------- cluster

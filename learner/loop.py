@@ -242,9 +242,16 @@ class Learner:
     def _inputs(self, mb: TrainBatch) -> ObjectiveInputs:
         obj = self.cfg.objective
         want_hidden = isinstance(self.log_z, LogZHead)
-        logp_BT, hidden = token_logprobs(
-            self.engine.module, mb.input_ids_BT, mb.attention_mask_BT, mb.response_mask_BT, return_hidden=want_hidden
-        )
+        autocast = self.cfg.learner.autocast
+        device = next(self.engine.module.parameters()).device.type
+        with torch.autocast(device, dtype=torch_dtype(autocast or "bfloat16"), enabled=autocast is not None):
+            logp_BT, hidden = token_logprobs(
+                self.engine.module,
+                mb.input_ids_BT,
+                mb.attention_mask_BT,
+                mb.response_mask_BT,
+                return_hidden=want_hidden,
+            )
         log_z_B = None
         if isinstance(self.log_z, LogZHead):
             log_z_B = self.log_z(hidden.float(), mb.prompt_mask_BT)  # type: ignore[union-attr]

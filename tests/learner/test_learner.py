@@ -119,3 +119,32 @@ def test_a_paced_step_trains_on_whole_fresh_groups_and_replayed_successes(tiny_m
     assert len(estimates) == 128 and all(e is not None for e in estimates)  # prompts no actor has rolled out
     second = learner.step()
     assert second is not None and second.metrics["calib_mae_const"] >= 0  # now there is a history to compare with
+
+
+def test_autocast_runs_the_forward_in_bf16_and_keeps_float32_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """learner.autocast: the policy's matmuls in bfloat16, its weights, gradients and optimizer in float32, so an
+    update smaller than bf16's resolution still lands; the loss is that of the float32 learner up to bf16
+    rounding."""
+    losses = {}
+    for name, extra in (("fp32", []), ("autocast", ["learner.autocast=bfloat16"])):
+        cfg = load_config("tiny_cpu", [f"model.cache_dir={MODEL_CACHE}", "replay.fresh_fraction=1.0", *extra])
+        learner = Learner(cfg.learner_spec(), tiny_model_dir, _filled_store(cfg), weights_root=tmp_path / name)
+        seen: list[torch.dtype] = []
+        linear = next(m for m in learner.engine.module.modules() if isinstance(m, torch.nn.Linear))
+        hook = linear.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out.dtype))
+        before = {k: v.clone() for k, v in learner.engine.module.state_dict().items()}
+        losses[name] = learner.step().loss  # type: ignore[union-attr]
+        hook.remove()
+        # The training forward (the publish's probe after it runs in float32, like the engines it is checked on).
+        assert seen[0] == (torch.bfloat16 if name == "autocast" else torch.float32)
+        after = learner.engine.module.state_dict()
+        assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
+        assert any(not torch.equal(before[k], after[k]) for k in before)  # the step changed the weights
+    assert losses["autocast"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_autocast_needs_float32_weights() -> None:
+    from configs.load import ConfigError
+
+    with pytest.raises(ConfigError, match=r"learner\.autocast=bfloat16 runs float32 weights"):
+        load_config("tiny_cpu", ["learner.dtype=bfloat16", "learner.autocast=bfloat16"])
