@@ -24,6 +24,7 @@ from torch import Tensor
 
 from learner.logprobs import response_logprobs
 from replay.records import WeightVersion
+from replay.weight_broadcast import packed_layout
 from replay.weight_store import VERSION_FILE
 
 # Mean absolute log-prob difference allowed between the learner's float32 probe and an engine holding the same
@@ -92,26 +93,15 @@ class WeightSlots:
         return directory
 
     def _allocate(self, state: dict[str, Tensor]) -> None:
-        seen: set[int] = set()
-        tensors: list[tuple[str, Tensor]] = []
-        for name, tensor in state.items():
-            if tensor.data_ptr() in seen:
-                continue
-            seen.add(tensor.data_ptr())
-            tensors.append((name, tensor))
-        # Widest elements first: every offset is then a multiple of the element size that follows it (safetensors
-        # allows no gaps), so each tensor can be a view of the mapped bytes.
-        tensors.sort(key=lambda nt: -self._out_dtype(nt[1]).itemsize)
+        entries, total = packed_layout(state, self.dtype)  # safetensors allows no gaps: the packing has none
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, tensor in tensors:
-            size = tensor.numel() * self._out_dtype(tensor).itemsize
+        for name, tensor, dtype, offset in entries:
+            size = tensor.numel() * dtype.itemsize
             header[name] = {
-                "dtype": _SAFETENSORS_DTYPE[self._out_dtype(tensor)],
+                "dtype": _SAFETENSORS_DTYPE[dtype],
                 "shape": list(tensor.shape),
                 "data_offsets": [offset, offset + size],
             }
-            offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-(8 + len(encoded)) % 8)  # the data starts 8-byte aligned
         start = 8 + len(encoded)
@@ -121,14 +111,11 @@ class WeightSlots:
             path = directory / "model.safetensors"
             with path.open("wb") as f:
                 f.write(len(encoded).to_bytes(8, "little") + encoded)
-                f.truncate(start + offset)
+                f.truncate(start + total)
             (directory / VERSION_FILE).write_text("-1")
-            buffer = torch.from_file(str(path), shared=True, size=start + offset, dtype=torch.uint8)
+            buffer = torch.from_file(str(path), shared=True, size=start + total, dtype=torch.uint8)
             views = {}
-            for name, tensor in tensors:
+            for name, tensor, dtype, _ in entries:
                 a, b = header[name]["data_offsets"]
-                views[name] = buffer[start + a : start + b].view(self._out_dtype(tensor)).view(tensor.shape)
+                views[name] = buffer[start + a : start + b].view(dtype).view(tensor.shape)
             self._views.append(views)
-
-    def _out_dtype(self, tensor: Tensor) -> torch.dtype:
-        return self.dtype if tensor.is_floating_point() else tensor.dtype

@@ -218,24 +218,34 @@ class WeightSender:
         self._channels.pop(client, None)
 
     def _allocate(self, state: dict[str, Tensor]) -> None:
-        seen: set[int] = set()
-        unique: list[tuple[str, Tensor]] = []
-        for name, tensor in state.items():  # tied weights (embedding = LM head) once, as on disk
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                unique.append((name, tensor))
-        # Widest elements first, so every view starts at a multiple of its own element size.
-        unique.sort(key=lambda nt: -self._out_dtype(nt[1]).itemsize)
-        offset = 0
-        for name, tensor in unique:
-            dtype = self._out_dtype(tensor)
-            self._layout.append({"name": name, "dtype": _NAMES[dtype], "shape": list(tensor.shape), "offset": offset})
-            offset += tensor.numel() * dtype.itemsize
-        self._flat = torch.empty(offset, dtype=torch.uint8, device=self.device)
+        entries, total = packed_layout(state, self.dtype)
+        self._layout = [
+            {"name": name, "dtype": _NAMES[dtype], "shape": list(tensor.shape), "offset": offset}
+            for name, tensor, dtype, offset in entries
+        ]
+        self._flat = torch.empty(total, dtype=torch.uint8, device=self.device)
         self._views = _views(self._flat, self._layout)
 
-    def _out_dtype(self, tensor: Tensor) -> torch.dtype:
-        return self.dtype if tensor.is_floating_point() else tensor.dtype
+
+def packed_layout(
+    state: dict[str, Tensor], dtype: torch.dtype
+) -> tuple[list[tuple[str, Tensor, torch.dtype, int]], int]:
+    """How a state dict packs into one flat byte buffer: (name, tensor, stored dtype, byte offset) per tensor and the
+    total size. Floating tensors are stored as `dtype`; tied weights (embedding = LM head) once, as on disk; widest
+    elements first, so every tensor starts at a multiple of its own element size and can be a view of the buffer."""
+    seen: set[int] = set()
+    unique: list[tuple[str, Tensor]] = []
+    for name, tensor in state.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            unique.append((name, tensor))
+    stored = {name: dtype if t.is_floating_point() else t.dtype for name, t in unique}
+    unique.sort(key=lambda nt: -stored[nt[0]].itemsize)
+    entries, offset = [], 0
+    for name, tensor in unique:
+        entries.append((name, tensor, stored[name], offset))
+        offset += tensor.numel() * stored[name].itemsize
+    return entries, offset
 
 
 def _views(flat: Tensor, layout: list[dict[str, Any]]) -> dict[str, Tensor]:
