@@ -3,6 +3,7 @@ the replay while the learner trains, publishes weights and the actors pick them 
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,11 @@ def _cfg(tmp_path: Path, *overrides: str) -> Any:
 def _check_run(summary: Any, max_lag: int, min_drawn: float) -> None:
     steps = summary.steps
     assert len(steps) == 24
-    first, last = steps[:4], steps[-4:]
-    assert sum(s["loss"] for s in last) < 0.5 * sum(s["loss"] for s in first)  # the loss falls
+    # The loss falls: medians, because a step whose batch holds prompts the log Z head has not fit yet (or groups
+    # 4 versions old) spikes alone (one step at 5-8k among neighbours at 100-300 in runs here) and a sum over a
+    # few steps then measures that one step, not the trend.
+    losses = [round(s["loss"], 1) for s in steps]
+    assert statistics.median(losses[-6:]) < 0.5 * statistics.median(losses[:6]), losses
     assert [s["version"] for s in steps] == list(range(1, 25))  # a new weight version every step
     assert max(s["lag_max"] for s in steps) <= max_lag  # the staleness bound holds
     assert [e["step"] for e in summary.evals] == [0, 12, 24]  # the baseline, then every eval.every_steps
