@@ -19,7 +19,7 @@ import logging
 import random
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -378,6 +378,14 @@ def encode_prompt(tokenizer: Any, text: str, cfg: TokenizerConfig) -> list[int]:
     """The token ids an engine is given for a prompt: `format_prompt` under the run's tokenizer settings."""
     formatted = format_prompt(tokenizer, text, chat_template=cfg.chat_template, system_prompt=cfg.system_prompt)
     return list(tokenizer(formatted, add_special_tokens=False)["input_ids"])
+
+
+def encode_prompts(model_dir: Path, prompts: Sequence[Prompt], cfg: TokenizerConfig) -> dict[str, list[int]]:
+    """Token ids by prompt id, exactly as the rollout actors encode them (the learner's Z_phi embeds these)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return {p.prompt_id: encode_prompt(tokenizer, p.text, cfg) for p in prompts}
 
 
 def format_prompt(tokenizer: Any, text: str, *, chat_template: str = "auto", system_prompt: str | None = None) -> str:

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from actors.rollout_worker import start_rollout_actor
 from actors.scheduler import start_scheduler_server
-from actors.tasks import Prompt, build_task
+from actors.tasks import Prompt, build_task, encode_prompts
 from cluster.control import start_control
 from cluster.evaluate import estimates_to_json, pick_engine, results_from_json, start_evaluator, summarize
 from cluster.metrics import MetricsServer, Poller, RunMetrics
@@ -36,16 +36,6 @@ from learner.server import start_learner
 from replay.remote import RemoteStore, start_replay_server
 from replay.store import ReplayStore, build_store
 from replay.weight_store import start_weight_store
-
-
-def training_prompt_tokens(cfg: RunConfig, model_dir: Path, prompts: Sequence[Prompt]) -> dict[str, list[int]]:
-    """The training prompts' token ids, exactly as the rollout actors encode them."""
-    from transformers import AutoTokenizer
-
-    from actors.tasks import encode_prompt
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return {p.prompt_id: encode_prompt(tokenizer, p.text, cfg.tokenizer) for p in prompts}
 
 
 @dataclass
@@ -262,7 +252,7 @@ def start_processes(
     weight_store = None
     if cfg.cluster.weight_transport == "object_store":
         weight_store = start_weight_store(cfg.weight_store_name, cfg.cluster.namespace)
-    prompts = training_prompt_tokens(cfg, model_dir, train_prompts) if cfg.objective.kind == "paced" else None
+    prompts = encode_prompts(model_dir, train_prompts, cfg.tokenizer) if cfg.objective.kind == "paced" else None
     learner = start_learner(cfg, model_dir, server, weights_root, prompts=prompts, resume=checkpoint)
     done = ray.get(learner.step_count.remote())  # also waits for a resumed learner to re-publish its weights
     evaluator = start_evaluator(cfg, model_dir, pick_engine(cfg.rollout.engine.kind)) if cfg.eval.every_steps else None

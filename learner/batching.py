@@ -8,7 +8,8 @@ Micro-batches never split a group, because VarGrad and GRPO need every sample of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +54,17 @@ class TrainBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask_BT.sum())
+
+    def to(self, device: torch.device) -> TrainBatch:
+        """The same batch with every tensor on `device` (itself when they already are)."""
+        if self.input_ids_BT.device == device:
+            return self
+        moved: dict[str, Any] = {
+            f.name: value.to(device, non_blocking=True)
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), Tensor)
+        }
+        return replace(self, **moved)
 
 
 def collate(

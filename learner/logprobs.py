@@ -76,8 +76,9 @@ def _takes_logits_to_keep(model_type: type) -> bool:
 @torch.no_grad()
 def response_logprobs(model: Any, prompt: list[int], response: list[int]) -> list[float]:
     """Teacher-forced log-probs of one response after one prompt (eval mode, no grad): the weight-sync probe."""
-    ids = torch.tensor([prompt + response])
-    mask = torch.tensor([[0] * len(prompt) + [1] * len(response)])
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + response], device=device)
+    mask = torch.tensor([[0] * len(prompt) + [1] * len(response)], device=device)
     was_training = model.training
     model.eval()
     try:

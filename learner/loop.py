@@ -115,10 +115,17 @@ class Learner:
             self.reference = AutoModel.from_pretrained(model_dir, dtype=torch_dtype(cfg.learner.dtype)).eval()
             self.reference.requires_grad_(False)
             self.train_prompts = {pid: list(ids) for pid, ids in (prompts or {}).items()}
-            if self.train_prompts:
-                first = dict(list(self.train_prompts.items())[:_EMBED_AT_START])
-                self._normalise(self._embed(first))
         self.engine = PolicyEngine(policy, cfg.learner)
+        # DeepSpeed put the policy on the learner's accelerator (or left it on the CPU): everything the learner
+        # computes with lives there too. Batches are collated on the CPU and moved per micro-batch (`_inputs`).
+        self.device = next(self.engine.module.parameters()).device
+        if self.log_z is not None:
+            self.log_z.to(self.device)
+        if self.reference is not None:
+            self.reference.to(self.device)
+        if self.train_prompts:
+            first = dict(list(self.train_prompts.items())[:_EMBED_AT_START])
+            self._normalise(self._embed(first))
         # The log Z parameters have their own optimizer and learning rate, no weight decay; they live outside the
         # DeepSpeed-wrapped policy, so they are never part of the published weights.
         self.log_z_opt = None
@@ -236,15 +243,15 @@ class Learner:
             self.engine.backward(out.loss * weight, last=i == len(chunks) - 1)
             for name, value in out.metrics.items():
                 totals[name] = totals.get(name, 0.0) + value * weight
-            deltas.append(out.delta_B)
+            deltas.append(out.delta_B.detach().cpu())
         return totals, torch.cat(deltas)
 
     def _inputs(self, mb: TrainBatch) -> ObjectiveInputs:
         obj = self.cfg.objective
         want_hidden = isinstance(self.log_z, LogZHead)
         autocast = self.cfg.learner.autocast
-        device = next(self.engine.module.parameters()).device.type
-        with torch.autocast(device, dtype=torch_dtype(autocast or "bfloat16"), enabled=autocast is not None):
+        mb = mb.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch_dtype(autocast or "bfloat16"), enabled=autocast is not None):
             logp_BT, hidden = token_logprobs(
                 self.engine.module,
                 mb.input_ids_BT,
@@ -290,6 +297,7 @@ class Learner:
             for row, (_, ids) in enumerate(chunk):
                 ids_BT[row, : len(ids)] = torch.tensor(ids)
                 mask_BT[row, : len(ids)] = 1
+            ids_BT, mask_BT = ids_BT.to(self.device), mask_BT.to(self.device)
             hidden = self.reference(input_ids=ids_BT, attention_mask=mask_BT).last_hidden_state.float()
             mask = mask_BT.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1)
@@ -468,7 +476,7 @@ class Learner:
             self.log_z_opt.load_state_dict(state["log_z_optimizer"])
             self._normalised = True  # Z_phi's standardisation is part of its state
         torch.set_rng_state(state["torch_rng"])
-        self._embeddings = dict(state.get("embeddings") or {})
+        self._embeddings = {pid: e.to(self.device) for pid, e in (state.get("embeddings") or {}).items()}
         self._recent_accuracy.extend([float(a) for a in step] for step in state.get("recent_accuracy", []))
         self.step_count, self.version = int(state["step"]), int(state["version"])
         self._probe = (list(state["probe"][0]), list(state["probe"][1])) if state["probe"] else None

@@ -189,7 +189,7 @@ def group_advantages(reward_B: Tensor, group_B: Tensor, *, normalize_std: bool, 
     """r minus its group mean, divided by the group's (population) std when asked; exactly 0 in all-equal groups."""
     num_groups = int(group_B.max()) + 1
     ones = torch.ones_like(reward_B)
-    count = torch.zeros(num_groups, dtype=reward_B.dtype).index_add_(0, group_B, ones)
+    count = torch.zeros(num_groups, dtype=reward_B.dtype, device=reward_B.device).index_add_(0, group_B, ones)
     mean = torch.zeros_like(count).index_add_(0, group_B, reward_B) / count
     centred_B = reward_B - mean[group_B]
     if not normalize_std:

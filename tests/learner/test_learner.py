@@ -75,8 +75,7 @@ def test_a_paced_step_trains_on_whole_fresh_groups_and_replayed_successes(tiny_m
     """PACED-RL's data flow through a real learner step: fresh groups arrive whole (failures included), one
     group slot of successful responses comes from the success buffer, a(x) is reported against each fresh
     group's accuracy, and estimates for every training prompt reach the store for the scheduler."""
-    from actors.tasks import build_task
-    from cluster.launch import training_prompt_tokens
+    from actors.tasks import build_task, encode_prompts
 
     cfg = load_config(
         "tiny_cpu",
@@ -103,7 +102,7 @@ def test_a_paced_step_trains_on_whole_fresh_groups_and_replayed_successes(tiny_m
         for i in range(6)
     ]
     store.add(groups, [0.5] * len(groups))
-    prompts = training_prompt_tokens(cfg, tiny_model_dir, build_task(cfg.task).train)
+    prompts = encode_prompts(tiny_model_dir, build_task(cfg.task).train, cfg.tokenizer)
     learner = Learner(cfg.learner_spec(), tiny_model_dir, store, weights_root=tmp_path / "w", prompts=prompts)
     result = learner.step()
     assert result is not None
