@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import run_per_model
+from bench._common import SHAPES, run_per_model
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -60,6 +60,7 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
         for i in range(args.groups)
     ]
     batch = collate(SampledBatch.of_fresh(groups), pad_id=0, current_version=0, drop_invalid_rewards=True)
+    batch = batch.to(torch.device(args.device))  # where DeepSpeed puts the policy (the accelerator when there is one)
     row: dict[str, Any] = {
         "model": name,
         "batch": f"{args.groups} groups x {args.g} responses, {args.prompt_tokens}+{args.response_tokens} tokens",
@@ -107,15 +108,19 @@ def _bench_dtype(model_dir: Path, batch: Any, dtype: str, args: argparse.Namespa
     from learner.log_partition import LogZHead
     from learner.logprobs import token_logprobs
     from learner.objectives import ObjectiveInputs, tb_log_reward, tb_loss
-    from learner.weights import WeightSlots, announcement, publish_weights
 
     mode, dtype = dtype, "float32" if dtype == "autocast" else dtype  # autocast: float32 weights, bf16 matmuls
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
+    if any(model_dir.glob("*.safetensors")):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
+    else:  # a SHAPES entry: the real model's architecture with random weights
+        from transformers import AutoConfig
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch_dtype(dtype))
     cfg = LearnerConfig(lr=args.lr, groups_per_step=args.groups, micro_batch_size=batch.num_rows, dtype=dtype)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast")
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=mode == "autocast")
     engine = PolicyEngine(model, cfg)
-    head = LogZHead(model.config.hidden_size)  # float32, as in the learner
+    head = LogZHead(model.config.hidden_size).to(args.device)  # float32, as in the learner
     head_opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     objective = TBObjectiveConfig(use_reference=False)
 
@@ -148,6 +153,24 @@ def _bench_dtype(model_dir: Path, batch: Any, dtype: str, args: argparse.Namespa
     curve = [round(tb_step(), 4) for _ in range(args.curve_steps)]  # first, from the initial weights
     tokens = batch.num_tokens
     ce_s, tb_s = best_of(ce_step, args.repeats), best_of(tb_step, args.repeats)
+    result: dict[str, Any] = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "ce_step_tok_s": round(tokens / ce_s, 1),
+        "tb_step_tok_s": round(tokens / tb_s, 1),
+        "tb_vs_ce": round(ce_s / tb_s, 3),
+        "loss_curve": curve,
+    }
+    if args.publish:
+        result.update(_bench_publish(engine, batch, dtype, args))
+    return result
+
+
+def _bench_publish(engine: Any, batch: Any, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Weight publishing: the shared-memory slot and a directory per version, against a raw state-dict copy."""
+
+    from configs.dtypes import torch_dtype
+    from learner.weights import WeightSlots, announcement, publish_weights
+
     state = engine.full_state_dict()
     unique = {v.data_ptr(): v for v in state.values()}  # tied weights (embedding = LM head) once, as published
     raw_s = best_of(lambda: [v.clone() for v in unique.values()], args.repeats)
@@ -169,23 +192,27 @@ def _bench_dtype(model_dir: Path, batch: Any, dtype: str, args: argparse.Namespa
     directory_s = best_of(directory_per_version, args.repeats)
     shutil.rmtree(root, ignore_errors=True)
     return {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "ce_step_tok_s": round(tokens / ce_s, 1),
-        "tb_step_tok_s": round(tokens / tb_s, 1),
-        "tb_vs_ce": round(ce_s / tb_s, 3),
         "raw_state_dict_copy_s": round(raw_s, 4),
         "publish_shared_memory_s": round(publish_s, 4),
         "publish_vs_raw_copy": round(publish_s / raw_s, 2),
         "probe_s": round(probe_s, 4),
         "publish_directory_s": round(directory_s, 4),
         "publish_directory_vs_raw_copy": round(directory_s / raw_s, 2),
-        "loss_curve": curve,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m"], choices=["tiny", "smollm2-135m"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["tiny", "smollm2-135m"],
+        choices=["tiny", "smollm2-135m", *SHAPES],
+        help="qwen2.5-1.5b-shape: Qwen2.5-1.5B's architecture with random weights (GPU throughput)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu or cuda (default: cuda when available, as DeepSpeed places the policy)"
+    )
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--g", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -200,8 +227,15 @@ def main() -> None:
     )
     parser.add_argument("--curve-steps", type=int, default=6, help="TB steps of the loss curve compared across dtypes")
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument(
+        "--no-publish", dest="publish", action="store_false", help="skip the weight-publishing timings (big models)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     run_per_model(args.models, lambda name, model_dir: bench_model(name, model_dir, args))
 
