@@ -23,6 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from cluster.evaluate import Estimate, PromptResult, mean_ci, paired_difference, results_from_json, t_quantile_975
 from configs.load import ConfigError, load_config
 from configs.schema import RunConfig
 
@@ -136,7 +137,7 @@ def final_estimates(results: list[RunResult]) -> dict[str, dict[str, float]]:
         means = [f["mean"] for f in finals]
         mean = statistics.fmean(means)
         if len(means) > 1:
-            half = _t95(len(means) - 1) * statistics.stdev(means) / math.sqrt(len(means))
+            half = t_quantile_975(len(means) - 1) * statistics.stdev(means) / math.sqrt(len(means))
             low, high = max(0.0, mean - half), min(1.0, mean + half)  # an accuracy stays in [0, 1]
         else:
             low, high = finals[0]["low"], finals[0]["high"]
@@ -152,9 +153,30 @@ def final_estimates(results: list[RunResult]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _t95(dof: int) -> float:
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-    return table.get(dof, 1.96 if dof > 30 else 2.1)
+def paired_with(results: list[RunResult], baseline: str) -> dict[str, Estimate]:
+    """Per objective: its final held-out accuracy minus `baseline`'s, paired prompt by prompt within each seed
+    (both runs of a seed evaluate the same held-out prompts); with several seeds, the mean of the per-seed
+    differences with a t-interval across seeds. Far tighter than comparing two finals' own intervals, because the
+    prompts' difficulty cancels."""
+    finals = {(r.objective, r.seed): _final_prompts(r) for r in results if r.evals}
+    metric = _metric(results[0].evals[-1])[0]
+    out: dict[str, Estimate] = {}
+    for kind in dict.fromkeys(r.objective for r in results):
+        if kind == baseline:
+            continue
+        seeds = sorted(s for k, s in finals if k == kind and (baseline, s) in finals)
+        per_seed = [paired_difference(finals[(baseline, s)], finals[(kind, s)], metric) for s in seeds]
+        if len(per_seed) == 1:
+            out[kind] = per_seed[0]
+        elif per_seed:
+            out[kind] = mean_ci([e.mean for e in per_seed])
+    return out
+
+
+def _final_prompts(result: RunResult) -> list[PromptResult]:
+    """The per-prompt results of a run's last evaluation (its evals.jsonl)."""
+    lines = (Path(result.run_dir) / "evals.jsonl").read_text().splitlines()
+    return results_from_json(json.loads(lines[-1])["per_prompt"]) if lines else []
 
 
 def summary_table(results: list[RunResult]) -> Table:
@@ -192,6 +214,18 @@ def write_report(results: list[RunResult], out: Path, *, command: str | None) ->
             f"| {kind} | {e['seeds']:.0f} | {e['base']:.3f} | {e['final']:.3f} [{e['low']:.3f}, {e['high']:.3f}] | "
             f"{e['final'] - e['base']:+.3f} | {e['rollouts']:.0f} | {e['seconds']:.0f} |"
         )
+    baseline = "grpo" if "grpo" in estimates else next(iter(estimates), None)
+    paired = paired_with(results, baseline) if baseline is not None and len(estimates) > 1 else {}
+    if paired:
+        lines += [
+            "",
+            f"Against {baseline}, paired prompt by prompt within each seed (final {metric} minus {baseline}'s; "
+            "several seeds: the mean of the per-seed differences, t-interval across seeds):",
+            "",
+            f"| objective | minus {baseline} [95% CI] |",
+            "|---|---|",
+            *(f"| {k} | {e.mean:+.3f} [{e.low:+.3f}, {e.high:+.3f}] |" for k, e in paired.items()),
+        ]
     lines += ["", "![held-out accuracy against rollouts and seconds](compare.png)", ""]
     if command:
         lines += ["Command:", "", "```bash", command, "```", ""]

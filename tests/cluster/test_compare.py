@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from cluster.cli import main
-from cluster.compare import compare, plan
+from cluster.compare import compare, paired_with, plan
 from tests.conftest import MODEL_CACHE
 
 
@@ -53,4 +53,9 @@ def test_compare_two_objectives_on_the_tiny_model(ray_local: Any, tmp_path: Path
     assert [r["objective"] for r in saved] == ["grpo", "paced"]
     table = (tmp_path / "compare.md").read_text()
     assert "| grpo | 1 |" in table and "| paced | 1 |" in table and "compare.png" in table
+    # PACED-RL against the GRPO baseline, paired prompt by prompt on the same held-out prompts of the same seed.
+    paired = paired_with(results, "grpo")
+    assert list(paired) == ["paced"] and paired["paced"].n == 4  # eval.num_prompts=4
+    assert paired["paced"].low <= paired["paced"].mean <= paired["paced"].high
+    assert "| objective | minus grpo [95% CI] |" in table and f"| paced | {paired['paced'].mean:+.3f} [" in table
     assert (tmp_path / "compare.png").stat().st_size > 10_000
