@@ -122,7 +122,9 @@ def run_trl(config: str, rollouts: int, out: Path, log: Path, base: list[str], *
 
 def evaluate(config: str, base: list[str], model: Path, json_path: Path, log: Path) -> dict[str, Any]:
     """paceflow's evaluator on `model`: the held-out prompts, samples and temperature of the config's eval."""
-    command = [str(REPO / ".venv" / "bin" / "paceflow"), "eval", str(model), config, *base, "--json", str(json_path)]
+    paceflow = str(REPO / ".venv" / "bin" / "paceflow")
+    outputs = ["--json", str(json_path), "--log", str(json_path.with_suffix(".log"))]  # the engine's own output
+    command = [paceflow, "eval", str(model), config, *base, *outputs]
     with log.open("a") as sink:
         subprocess.run(command, check=True, stdout=sink, stderr=sink, cwd=REPO)
     return dict(json.loads(json_path.read_text())["metrics"])
