@@ -192,7 +192,10 @@ class WeightSender:
             except BaseException as exc:  # handed to whoever sends next
                 group.set_exception(exc)
 
-        threading.Thread(target=join, name=f"weights-channel-{client}", daemon=True).start()
+        # Not a daemon: a join whose client never comes blocks inside the C++ rendezvous (GIL released) until the
+        # timeout; a daemon thread still there when the interpreter finalises aborts the process on its way out
+        # (seen at the end of a test session). Exit waits for it instead, at most timeout_s.
+        threading.Thread(target=join, name=f"weights-channel-{client}", daemon=False).start()
         self._channels[client] = _Channel(store, info, group)
         return info.to_json()
 
