@@ -56,17 +56,17 @@ def run_per_model(models: list[str], bench_model: Callable[[str, Path], dict[str
     from cluster.models import resolve_model_dir
     from configs.schema import SmolLM2ModelConfig, TinyModelConfig
 
+    def model_dir(name: str) -> Path:
+        if name in SHAPES:
+            return shape_dir(name)
+        if name == "tiny":
+            return resolve_model_dir(TinyModelConfig(cache_dir=MODEL_CACHE))
+        return resolve_model_dir(SmolLM2ModelConfig(cache_dir=MODEL_CACHE))
+
     rows = []
     with stdout_to_stderr():
         for name in models:
-            if name in SHAPES:
-                rows.append(bench_model(name, shape_dir(name)))
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-                continue
-            cfg = (
-                TinyModelConfig(cache_dir=MODEL_CACHE) if name == "tiny" else SmolLM2ModelConfig(cache_dir=MODEL_CACHE)
-            )
-            rows.append(bench_model(name, resolve_model_dir(cfg)))
+            rows.append(bench_model(name, model_dir(name)))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps({"machine": machine(), "results": rows}, indent=2))
 
