@@ -40,6 +40,7 @@ examples:
   paceflow eval runs/smollm2_cpu --against base      held-out metrics of a run's final policy vs the base model
   paceflow compare smollm2_cpu --rollouts 960 --seeds 3   GRPO, TB, PACED-RL, PowerFlow on one rollout budget
   paceflow eval base smollm2_cpu --samples 8         the base model on the preset's held-out prompts
+  paceflow pareto smollm2_powerflow_creative --run runs/smollm2_powerflow_creative   diversity vs quality
   paceflow report runs/smollm2_cpu                   (re)draw a run's plots and markdown report
   paceflow status runs/tiny_cpu                      a running job: step, actors, throughput, replay, lag
   paceflow scale runs/tiny_cpu --actors 4            add or remove rollout actors of a running job
@@ -223,6 +224,24 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
 
     p = sub.add_parser(
+        "pareto",
+        help="diversity vs quality of trained runs against the base model swept over temperatures",
+        description="For a task without a verifier (creative writing, PowerFlow alpha < 1): evaluate the base model "
+        "and each --run's final policy at each of --temperatures on CONFIG's held-out prompts, and report semantic "
+        "diversity and distinct-2 against prompt relevance (a quality proxy from a local sentence encoder, not the "
+        "training signal), with 95%% CIs and the paired change against the base at the same temperature. Writes "
+        "OUT/pareto.md, OUT/pareto.json and OUT/pareto.png (quality against diversity, one curve per model).",
+    )
+    with_config(p)
+    p.add_argument("--run", action="append", default=[], metavar="RUN_DIR", help="a trained run (repeatable)")
+    p.add_argument("--temperatures", default="0.7,1.0,1.3", help="comma-separated (default 0.7,1.0,1.3)")
+    p.add_argument("--prompts", type=int, default=None, help="held-out prompts (default: eval.num_prompts)")
+    p.add_argument("--samples", type=int, default=None, help="responses per prompt (default: eval.num_samples)")
+    p.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="generation engine")
+    p.add_argument("--out", default=None, help="output directory (default: OUTPUT_DIR/pareto-NAME)")
+    p.set_defaults(func=_pareto)
+
+    p = sub.add_parser(
         "demo",
         help="sample and score rollout groups with the configured model and task",
         description="The smallest real slice of the pipeline: prepare the model, load the task, sample "
@@ -403,6 +422,38 @@ def _eval(args: argparse.Namespace) -> int:
         log_path=Path(args.log or "paceflow-eval.log"),
         console_factory=Console,
     )
+
+
+def _pareto(args: argparse.Namespace) -> int:
+    import shlex
+
+    from rich.console import Console
+
+    from cluster.evaluate import pick_engine
+    from cluster.pareto import run_pareto
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--temperatures: got {args.temperatures!r} (comma-separated numbers)") from None
+    for name, value in (("--prompts", args.prompts), ("--samples", args.samples)):
+        if value is not None and value < 2:
+            raise ConfigError(f"{name}: got {value} (must be >= 2: diversity is measured between responses)")
+    out = Path(args.out) if args.out else Path(cfg.output_dir).expanduser() / f"pareto-{cfg.name}"
+    run_pareto(
+        cfg,
+        runs=args.run,
+        temperatures=temperatures,
+        num_prompts=args.prompts or cfg.eval.num_prompts,
+        num_samples=args.samples or cfg.eval.num_samples,
+        engine=pick_engine(args.engine),
+        out=out,
+        console_factory=Console,
+        command=shlex.join(["paceflow", *sys.argv[1:]]) if sys.argv[1:2] == ["pareto"] else "paceflow pareto",
+    )
+    print(f"wrote {out / 'pareto.md'}, {out / 'pareto.png'} and {out / 'pareto.json'}")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

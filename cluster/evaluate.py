@@ -8,7 +8,9 @@ Metrics, each computed per prompt and then averaged over prompts (n = samples pe
   responses without a parsed answer do not vote);
 - `distinct_answers`: how many different parsed answers the n responses give;
 - `distinct_1` .. `distinct_4`: distinct-n, unique word n-grams / all word n-grams over the prompt's responses;
-- `response_tokens`: mean response length in tokens.
+- `response_tokens`: mean response length in tokens;
+- for tasks without a verifier (creative writing): `semantic_diversity` and `relevance` from a local sentence
+  encoder (cluster/semantic.py), the diversity and the quality proxy of PowerFlow's alpha < 1 runs.
 
 Confidence intervals treat prompts as the independent units (samples of one prompt are correlated): mean ±
 t(0.975, P - 1) * sd / sqrt(P) over the P per-prompt values. A before/after comparison pairs the two runs prompt
@@ -20,13 +22,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from actors.engines.base import Engine
 from actors.tasks import Prompt, Task, encode_prompt
 from actors.weight_client import BroadcastClient
+from cluster.semantic import SentenceEncoder
 from configs.schema import RunConfig, SamplingConfig
 from replay.weight_broadcast import is_broadcast_uri
 from replay.weight_store import load_published
@@ -45,6 +48,8 @@ class PromptResult:
     texts: list[str]
     tokens: list[int]
     """Response length in tokens."""
+    semantic: dict[str, float] = field(default_factory=dict)
+    """Encoder-based metrics of the responses (cluster/semantic.py), for tasks without a verifier."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ def per_prompt_metrics(result: PromptResult, pass_ks: Sequence[int]) -> dict[str
     for k in DISTINCT_N:
         out[f"distinct_{k}"] = distinct_n(result.texts, k)
     out["response_tokens"] = sum(result.tokens) / len(result.tokens) if result.tokens else math.nan
+    out.update(result.semantic)
     return out
 
 
@@ -173,9 +179,16 @@ def eval_sampling(cfg: RunConfig, num_samples: int | None = None, temperature: f
 
 
 def generate_and_score(
-    engine: Engine, tokenizer: Any, task: Task, prompts: Sequence[Prompt], cfg: RunConfig, sampling: SamplingConfig
+    engine: Engine,
+    tokenizer: Any,
+    task: Task,
+    prompts: Sequence[Prompt],
+    cfg: RunConfig,
+    sampling: SamplingConfig,
+    encoder: SentenceEncoder | None = None,
 ) -> list[PromptResult]:
-    """Sample `sampling.num_samples` responses per prompt with the engine's current weights and score them."""
+    """Sample `sampling.num_samples` responses per prompt with the engine's current weights and score them (and,
+    given an encoder, measure their semantic diversity and relevance)."""
     ids = [encode_prompt(tokenizer, p.text, cfg.tokenizer) for p in prompts]
     groups = engine.generate(ids, sampling, seed=cfg.seed)
     results = []
@@ -188,13 +201,24 @@ def generate_and_score(
                 answers=[v.parsed for v in verdicts],
                 texts=[s.text for s in samples],
                 tokens=[len(s.token_ids) for s in samples],
+                semantic=encoder.metrics(prompt.text, [s.text for s in samples]) if encoder else {},
             )
         )
     return results
 
 
 def results_to_json(results: Sequence[PromptResult]) -> list[dict[str, Any]]:
-    return [{**asdict(r), "rewards": [None if math.isnan(x) else x for x in r.rewards]} for r in results]
+    def finite(x: float) -> float | None:
+        return None if math.isnan(x) else x
+
+    return [
+        {
+            **asdict(r),
+            "rewards": [finite(x) for x in r.rewards],
+            "semantic": {k: finite(v) for k, v in r.semantic.items()},
+        }
+        for r in results
+    ]
 
 
 def results_from_json(rows: Sequence[dict[str, Any]]) -> list[PromptResult]:
@@ -205,6 +229,7 @@ def results_from_json(rows: Sequence[dict[str, Any]]) -> list[PromptResult]:
             answers=list(row["answers"]),
             texts=list(row["texts"]),
             tokens=[int(t) for t in row["tokens"]],
+            semantic={k: math.nan if v is None else float(v) for k, v in row.get("semantic", {}).items()},
         )
         for row in rows
     ]
@@ -244,6 +269,8 @@ class Evaluator:
         self.model_dir = model_dir
         self.loaded: tuple[str, int | None] = (model_dir, None)
         self._weights = BroadcastClient(f"{self.cfg.replay_namespace}-evaluator", self.cfg.cluster.namespace)
+        # Without a verifier there is no accuracy to report: diversity and a quality proxy are what matter.
+        self.encoder = SentenceEncoder() if self.task.verifier is None else None
 
     def evaluate(
         self,
@@ -268,7 +295,8 @@ class Evaluator:
             self.loaded = target
         prompts = self.task.eval[:num_prompts]
         sampling = eval_sampling(self.cfg, num_samples, temperature)
-        return results_to_json(generate_and_score(self.engine, self.tokenizer, self.task, prompts, self.cfg, sampling))
+        results = generate_and_score(self.engine, self.tokenizer, self.task, prompts, self.cfg, sampling, self.encoder)
+        return results_to_json(results)
 
     def close(self) -> None:
         self.engine.close()
