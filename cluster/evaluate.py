@@ -105,8 +105,10 @@ def per_prompt_metrics(result: PromptResult, pass_ks: Sequence[int]) -> dict[str
     out = {f"avg@{len(result.rewards)}": sum(valid) / n if n else math.nan}
     for k in pass_ks:
         out[f"pass@{k}"] = pass_at_k(n, c, k) if n >= k else math.nan
-    out[f"maj@{len(result.rewards)}"] = majority_correct(result.rewards, result.answers)
-    out["distinct_answers"] = float(len({_normalise(a) for a in result.answers if a is not None}))
+    # Without a single verdict (a task with no verifier, or a verifier that failed on every response) there is no
+    # vote to win and no answer to count: NaN, left out of the means, rather than a misleading 0.
+    out[f"maj@{len(result.rewards)}"] = majority_correct(result.rewards, result.answers) if n else math.nan
+    out["distinct_answers"] = float(len({_normalise(a) for a in result.answers if a is not None})) if n else math.nan
     for k in DISTINCT_N:
         out[f"distinct_{k}"] = distinct_n(result.texts, k)
     out["response_tokens"] = sum(result.tokens) / len(result.tokens) if result.tokens else math.nan

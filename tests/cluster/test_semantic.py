@@ -65,7 +65,9 @@ def test_semantic_metrics_survive_the_json_round_trip_and_reach_the_summary(enco
     back = results_from_json(json.loads(json.dumps(results_to_json(results))))
     assert back[0].semantic == pytest.approx(results[0].semantic)
     assert math.isnan(back[1].semantic["semantic_diversity"])  # NaN travels as null
-    assert set(per_prompt_metrics(back[0], (1,))) >= {"semantic_diversity", "relevance"}
+    metrics = per_prompt_metrics(back[0], (1,))
+    assert set(metrics) >= {"semantic_diversity", "relevance"}
+    assert math.isnan(metrics["maj@3"]) and math.isnan(metrics["distinct_answers"])  # no verdicts: no vote, not 0
     summary = summarize(back)
     assert summary["semantic_diversity"].n == 1 and summary["relevance"].n == 2  # NaN prompts left out
 
