@@ -7,6 +7,10 @@ with it and nothing else changes: PACED-RL its prompt scheduler and success buff
 no success buffer; an objective that is the config's own keeps the config's settings for it. Every run is
 evaluated on the held-out split before training, a few times during it and at the end.
 
+A run whose directory already holds a finished run of exactly the planned config (its summary.json and the config
+`train` saved) is reused, not trained again: re-running compare with more seeds or objectives trains only what
+is missing.
+
 Outputs in OUT: compare.json (every evaluation of every run), compare.md (the table, the figure and the command),
 compare.png (held-out accuracy against rollouts and against seconds), and each run's own directory.
 """
@@ -18,7 +22,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -26,6 +30,9 @@ from rich.table import Table
 from cluster.evaluate import Estimate, PromptResult, mean_ci, paired_difference, results_from_json, t_quantile_975
 from configs.load import ConfigError, load_config
 from configs.schema import RunConfig
+
+if TYPE_CHECKING:
+    from cluster.launch import TrainSummary
 
 OBJECTIVES = ("grpo", "tb", "paced", "powerflow")
 EVALS_PER_RUN = 4
@@ -98,9 +105,13 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for i, cfg in enumerate(configs, 1):
-        console.print(f"[bold]compare[/] run {i}/{len(configs)}: {cfg.objective.kind}, seed {cfg.seed}, "
-                      f"{cfg.learner.num_steps} steps")  # fmt: skip
-        summary = train(cfg, console=console)
+        what = f"[bold]compare[/] run {i}/{len(configs)}: {cfg.objective.kind}, seed {cfg.seed}"
+        summary = finished_run(cfg)
+        if summary is not None:
+            console.print(f"{what}: reusing the finished run in {summary.run_dir}")
+        else:
+            console.print(f"{what}, {cfg.learner.num_steps} steps")
+            summary = train(cfg, console=console)
         result = RunResult(cfg.objective.kind, cfg.seed, len(summary.steps), str(summary.run_dir))
         per_step = cfg.batch_plan[0] * cfg.rollout.sampling.num_samples  # what each synchronous step consumed
         for e in summary.evals:
@@ -120,6 +131,23 @@ def compare(
     console.print(summary_table(results))
     console.print(f"table and figure: {out / 'compare.md'}, {out / 'compare.png'}")
     return results
+
+
+def finished_run(cfg: RunConfig) -> TrainSummary | None:
+    """The summary of a run of exactly `cfg` that finished in its output directory, else None. The saved config is
+    compared as `train` resolved it (run id, weight transport), the output directory aside (runs may be moved)."""
+    from cluster.launch import TrainSummary, resolve_replay_host, resolve_weight_transport
+
+    run_dir = Path(cfg.output_dir).expanduser() / cfg.name
+    summary, saved_path = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (summary.is_file() and saved_path.is_file()):
+        return None
+    saved = load_config(str(saved_path), [])
+    planned = resolve_weight_transport(resolve_replay_host(cfg.model_copy(update={"run_id": saved.run_id})))
+    if planned.model_dump(exclude={"output_dir"}) != saved.model_dump(exclude={"output_dir"}):
+        return None
+    data = json.loads(summary.read_text())
+    return TrainSummary(run_dir=run_dir, steps=data["steps"], evals=data["evals"])
 
 
 def _metric(evaluation: dict[str, Any]) -> tuple[str, dict[str, float]]:

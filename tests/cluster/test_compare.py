@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from cluster.cli import main
-from cluster.compare import compare, paired_with, plan
+from cluster.compare import compare, finished_run, paired_with, plan
 from tests.conftest import MODEL_CACHE
 
 
@@ -59,3 +59,11 @@ def test_compare_two_objectives_on_the_tiny_model(ray_local: Any, tmp_path: Path
     assert paired["paced"].low <= paired["paced"].mean <= paired["paced"].high
     assert "| objective | minus grpo [95% CI] |" in table and f"| paced | {paired['paced'].mean:+.3f} [" in table
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+    # Again with the same budget: both runs are reused (no training), the table comes out the same.
+    console = Console(width=120, record=True)
+    again = compare("tiny_cpu", overrides, ["grpo", "paced"], rollouts=32, seeds=1, out=tmp_path, console=console)
+    assert console.export_text().count("reusing the finished run") == 2
+    assert [(r.objective, r.steps, r.evals) for r in again] == [(r.objective, r.steps, r.evals) for r in results]
+    assert (tmp_path / "compare.md").read_text() == table
+    changed = plan("tiny_cpu", [*overrides, "learner.lr=1e-3"], "grpo", rollouts=32, seed=0, out=tmp_path)
+    assert finished_run(changed) is None  # another config is never taken for this one
