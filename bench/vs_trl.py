@@ -5,8 +5,12 @@ end of the last, so model loading and engine start-up count for neither), second
 with start-up, and held-out accuracy (paceflow's evaluator on the same held-out prompts for every model) with
 the ratios against TRL.
 
-    .venv/bin/python bench/vs_trl.py                          # grpo and paced vs TRL-GRPO, 240 rollouts each
-    .venv/bin/python bench/vs_trl.py --rollouts 480 --objectives paced
+    .venv/bin/python bench/vs_trl.py                          # grpo and paced vs TRL-GRPO, 320 rollouts each
+    .venv/bin/python bench/vs_trl.py --rollouts 480 --objectives paced --paced-fraction 0
+
+--paced-fraction F (default 0.6) also trains PACED-RL on F x the budget: the row "paceflow-paced@F" says whether
+PACED-RL reaches TRL-GRPO's final held-out accuracy with F x its rollouts (a separate run, so its own evaluations
+do not slow the throughput rows).
 
 TRL is a bench-only dependency: the first run makes .cache/bench/trl-env, a venv layered over the project's
 .venv (a .pth file), and pip-installs trl there (~20 s, ~300 MB; torch and transformers are the project's own).
@@ -63,7 +67,9 @@ def trl_python(log: Path) -> Path:
     return python
 
 
-def run_paceflow(config: str, objective: str, rollouts: int, out: Path, log: Path, base: list[str]) -> dict[str, Any]:
+def run_paceflow(
+    config: str, objective: str, rollouts: int, out: Path, log: Path, base: list[str], *, label: str = ""
+) -> dict[str, Any]:
     """One paceflow run sized like `paceflow compare` sizes it (synchronous, one actor, exact budget)."""
     from rich.console import Console
 
@@ -74,13 +80,16 @@ def run_paceflow(config: str, objective: str, rollouts: int, out: Path, log: Pat
     cfg = plan(config, base, objective, rollouts=rollouts, seed=0, out=out)
     # Held-out evaluations before and after only, as for TRL: none between steps, so step times are training alone.
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"every_steps": cfg.learner.num_steps})})
-    with third_party_output_to(log) as terminal:
-        summary = train(cfg, console=Console(file=terminal, width=120))
+    progress = os.fdopen(os.dup(2), "w", buffering=1)  # the run's progress on stderr: stdout is the JSON's alone
+    with progress, third_party_output_to(log):
+        summary = train(cfg, console=Console(file=progress, width=120))
     per_step = cfg.batch_plan[0] * cfg.rollout.sampling.num_samples
     ends = [float(s["elapsed_s"]) for s in summary.steps]
     final = summary.evals[-1]
     name = next(k for k in final["metrics"] if k.startswith("avg@"))
-    return _row(f"paceflow-{objective}", ends, per_step, None, final["metrics"][name], name, str(summary.run_dir))
+    row = _row(f"paceflow-{objective}{label}", ends, per_step, None, final["metrics"][name], name, str(summary.run_dir))
+    row["rollouts_trained"] = int(summary.steps[-1]["rollouts"])  # generated, fresh: the budget that was spent
+    return row
 
 
 def run_trl(config: str, rollouts: int, out: Path, log: Path, base: list[str], *, bf16: bool) -> dict[str, Any]:
@@ -151,9 +160,15 @@ def _row(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="smollm2_cpu", help="preset or YAML (default smollm2_cpu)")
-    parser.add_argument("--rollouts", type=int, default=240, help="responses trained on per system (default 240)")
+    parser.add_argument("--rollouts", type=int, default=320, help="responses trained on per system (default 320)")
     parser.add_argument("--objectives", default="grpo,paced", help="paceflow objectives (default grpo,paced)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "vs_trl", help="run directories and logs")
+    parser.add_argument(
+        "--paced-fraction",
+        type=float,
+        default=0.6,
+        help="also train PACED-RL on this fraction of the budget (0: skip; default 0.6)",
+    )
     parser.add_argument("--trl-fp32", action="store_true", help="TRL in float32 instead of bf16 mixed precision")
     parser.add_argument(
         "--reuse-trl", action="store_true", help="take TRL's row from an earlier run in --out instead of training again"
@@ -174,10 +189,14 @@ def main() -> None:
         rows.append(run_trl(args.config, args.rollouts, args.out, log, base, bf16=not args.trl_fp32))
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     # paceflow's train() starts Ray itself, with the logical CPUs the config's actors ask for.
-    for objective in args.objectives.split(","):
-        print(f"paceflow {objective}...", file=sys.stderr, flush=True)
+    runs = [(objective, args.rollouts, args.out, "") for objective in args.objectives.split(",")]
+    if args.paced_fraction > 0:
+        short = round(args.rollouts * args.paced_fraction)
+        runs.append(("paced", short, args.out / f"paced@{args.paced_fraction:g}", f"@{args.paced_fraction:g}"))
+    for objective, rollouts, out, label in runs:
+        print(f"paceflow {objective}{label} ({rollouts} rollouts)...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        rows.append(run_paceflow(args.config, objective, args.rollouts, args.out, log, base))
+        rows.append(run_paceflow(args.config, objective, rollouts, out, log, base, label=label))
         rows[-1]["wall_s"] = time.perf_counter() - start
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if ray.is_initialized():
@@ -188,6 +207,7 @@ def main() -> None:
             r["completions_per_s_vs_trl"] = r["completions_per_s"] / trl["completions_per_s"]
             key = next(k for k in r if k.startswith("held_out_"))
             r["held_out_gain_vs_trl"] = r[key]["mean"] - trl[key]["mean"]
+            r["rollouts_vs_trl"] = r["rollouts_trained"] / trl["rollouts_trained"]
     command = "python bench/vs_trl.py " + " ".join(sys.argv[1:])
     print(json.dumps({"machine": machine(), "command": command.strip(), "rollouts": args.rollouts, "results": rows},
                      indent=2))  # fmt: skip
