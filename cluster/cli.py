@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -27,6 +27,8 @@ from configs.load import (
     to_yaml,
 )
 from configs.schema import RunConfig
+
+_T = typing.TypeVar("_T")
 
 EXAMPLES = """\
 examples:
@@ -399,13 +401,8 @@ def _eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"CONFIG is required: {args.model!r} is not a run directory with a config.yaml")
         config = str(run_dir / "config.yaml")
     cfg = load_config(config, overrides)
-    try:
-        pass_ks = [int(k) for k in args.pass_k.split(",") if k.strip()]
-    except ValueError:
-        raise ConfigError(f"--pass-k: got {args.pass_k!r} (comma-separated integers, e.g. 1,4)") from None
-    for name, value in (("--prompts", args.prompts), ("--samples", args.samples)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name}: got {value} (must be >= 1)")
+    pass_ks = _comma_separated("--pass-k", args.pass_k, int, "integers, e.g. 1,4")
+    _at_least(1, {"--prompts": args.prompts, "--samples": args.samples})
     samples = args.samples or cfg.eval.num_samples
     if any(k < 1 or k > samples for k in pass_ks):
         raise ConfigError(f"--pass-k: got {args.pass_k!r}; each k must be between 1 and --samples={samples}")
@@ -424,6 +421,19 @@ def _eval(args: argparse.Namespace) -> int:
     )
 
 
+def _comma_separated(flag: str, text: str, convert: Callable[[str], _T], what: str) -> list[_T]:
+    try:
+        return [convert(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: got {text!r} (comma-separated {what})") from None
+
+
+def _at_least(minimum: int, flags: dict[str, int | None], why: str = "") -> None:
+    for flag, value in flags.items():
+        if value is not None and value < minimum:
+            raise ConfigError(f"{flag}: got {value} (must be >= {minimum}{why})")
+
+
 def _pareto(args: argparse.Namespace) -> int:
     import shlex
 
@@ -433,13 +443,8 @@ def _pareto(args: argparse.Namespace) -> int:
     from cluster.pareto import run_pareto
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
-    except ValueError:
-        raise ConfigError(f"--temperatures: got {args.temperatures!r} (comma-separated numbers)") from None
-    for name, value in (("--prompts", args.prompts), ("--samples", args.samples)):
-        if value is not None and value < 2:
-            raise ConfigError(f"{name}: got {value} (must be >= 2: diversity is measured between responses)")
+    temperatures = _comma_separated("--temperatures", args.temperatures, float, "numbers, e.g. 0.7,1.0")
+    _at_least(2, {"--prompts": args.prompts, "--samples": args.samples}, ": diversity is measured between responses")
     out = Path(args.out) if args.out else Path(cfg.output_dir).expanduser() / f"pareto-{cfg.name}"
     run_pareto(
         cfg,
