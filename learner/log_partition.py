@@ -37,13 +37,28 @@ class LogZHead(nn.Module):
             nn.LayerNorm(hidden_size),
             last,
         )
-        self.offset = offset
+        self.offset: Tensor
+        self.register_buffer("offset", torch.tensor(float(offset)))  # saved with the head: a measured offset survives
         self.clamp = clamp
 
     def forward(self, hidden_BTH: Tensor, prompt_mask_BT: Tensor) -> Tensor:
         mask = prompt_mask_BT.to(hidden_BTH.dtype).unsqueeze(-1)
         pooled_BH = (hidden_BTH * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return clamp_straight_through(self.mlp(pooled_BH).squeeze(-1) - self.offset, self.clamp)
+
+
+def measured_offset(base_logp_BT: Tensor, response_mask_BT: Tensor, alpha: float) -> float:
+    """PowerFlow's LogZHead offset for `log_z_offset_per_token: auto`: (alpha - 1) x the base model's mean NLL per
+    token over the batch's responses (each response weighs the same, as in the length-normalised residual).
+    At the start pi_theta = p_base, so the residual is log Z' + (1 - alpha) * mean log p_base; this offset makes
+    its batch mean zero."""
+    mask = response_mask_BT.to(base_logp_BT.dtype)
+    lengths = mask.sum(-1)
+    rows = lengths > 0
+    if not bool(rows.any()):
+        raise ValueError("no response tokens in the batch to measure the base model's NLL on")
+    per_token = (base_logp_BT * mask).sum(-1)[rows] / lengths[rows]
+    return float(-per_token.mean()) * (alpha - 1.0)
 
 
 class ZPhi(nn.Module):

@@ -31,7 +31,7 @@ from learner.batching import TrainBatch, collate, micro_batches
 from learner.calibration import GroupOutcome, calibration_metrics, informative_counts
 from learner.checkpoint import load_state, save_state
 from learner.deepspeed_engine import PolicyEngine
-from learner.log_partition import LogZHead, ZPhi, accuracy_estimate
+from learner.log_partition import LogZHead, ZPhi, accuracy_estimate, measured_offset
 from learner.logprobs import token_logprobs
 from learner.objectives import ObjectiveInputs, compute_objective, tb_log_reward
 from learner.weights import WeightSlots, announcement, publish_weights
@@ -142,13 +142,24 @@ class Learner:
         # compared with (recent, so that it follows a policy that improves, as a(x) has to).
         self._recent_accuracy: deque[list[float]] = deque(maxlen=CONSTANT_WINDOW_STEPS)
 
+    def _calibrate_log_z(self, batch: TrainBatch) -> None:
+        """PowerFlow with log_z_offset_per_token 'auto': the head's offset from the first batch, before any update
+        (a resumed run has its measured offset in the checkpoint, and a step count above 0)."""
+        obj = self.cfg.objective
+        if not (isinstance(obj, PowerFlowObjectiveConfig) and obj.log_z_offset_per_token == "auto"):
+            return
+        assert isinstance(self.log_z, LogZHead) and batch.base_logp_BT is not None  # PowerFlow's rows carry them
+        offset = measured_offset(batch.base_logp_BT, batch.response_mask_BT, obj.alpha)
+        self.log_z.offset.fill_(offset)
+        log.info("log Z' offset measured on the first batch: %.3f (alpha %.2f)", offset, obj.alpha)
+
     def _build_log_z(self, hidden: int) -> nn.Module | None:
         obj = self.cfg.objective
         if isinstance(obj, TBObjectiveConfig):
             return LogZHead(hidden, clamp=obj.log_z_clamp) if obj.log_z == "head" else None
         if isinstance(obj, PowerFlowObjectiveConfig):
-            offset = obj.log_z_offset_per_token * (obj.alpha - 1.0)
-            return LogZHead(hidden, offset=offset, clamp=obj.log_z_clamp)
+            per_token = 0.0 if obj.log_z_offset_per_token == "auto" else obj.log_z_offset_per_token  # auto: step 1
+            return LogZHead(hidden, offset=per_token * (obj.alpha - 1.0), clamp=obj.log_z_clamp)
         if isinstance(obj, PacedObjectiveConfig):
             return ZPhi(hidden, obj.z_phi_hidden, beta=obj.beta, clamp=obj.log_z_clamp)
         return None
@@ -164,6 +175,8 @@ class Learner:
 
         start = time.perf_counter()
         self._probe = self._probe or self._make_probe(batch)
+        if self.step_count == 0:
+            self._calibrate_log_z(batch)
         outcomes = self._outcomes(batch)  # before the update: the estimates the scheduler picked prompts with
         metrics, deltas = self._accumulate(batch)
         grad_norm = self.engine.step()
@@ -472,6 +485,8 @@ class Learner:
         else:
             log.warning("%s: no optimizer state in the checkpoint (ZeRO stage >= 1): AdamW moments restart", directory)
         if self.log_z is not None and self.log_z_opt is not None:
+            if isinstance(self.log_z, LogZHead):  # checkpoints from before the offset was saved: the configured one
+                state["log_z"].setdefault("offset", self.log_z.offset)
             self.log_z.load_state_dict(state["log_z"])
             self.log_z_opt.load_state_dict(state["log_z_optimizer"])
             self._normalised = True  # Z_phi's standardisation is part of its state

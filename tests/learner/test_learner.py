@@ -11,6 +11,7 @@ import torch
 
 from configs.load import load_config
 from configs.schema import RunConfig
+from learner.log_partition import LogZHead
 from learner.loop import Learner
 from replay.memory_store import MemoryStore
 from replay.records import RolloutGroup
@@ -147,3 +148,46 @@ def test_autocast_needs_float32_weights() -> None:
 
     with pytest.raises(ConfigError, match=r"learner\.autocast=bfloat16 runs float32 weights"):
         load_config("tiny_cpu", ["learner.dtype=bfloat16", "learner.autocast=bfloat16"])
+
+
+def test_powerflow_measures_its_log_z_offset_on_the_first_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """log_z_offset_per_token 'auto': before the first update the head's offset is (alpha - 1) x the batch's base
+    NLL per token, so log Z' starts where the first residuals are centred; the offset is then checkpointed, and a
+    resumed learner keeps it rather than measuring again."""
+    overrides = [
+        f"model.cache_dir={MODEL_CACHE}",
+        "replay.fresh_fraction=1.0",
+        "objective={kind: powerflow, alpha: 0.5, log_z_offset_per_token: auto}",
+    ]
+    cfg = load_config("tiny_cpu", overrides)
+    store = MemoryStore(cfg.replay)
+    rng = random.Random(1)
+    groups = []
+    for i in range(6):
+        responses = [[rng.randrange(4, 100) for _ in range(rng.randrange(3, 10))] + [2] for _ in range(4)]
+        groups.append(
+            RolloutGroup.new(
+                prompt_id=f"p{i}",
+                prompt_token_ids=[rng.randrange(4, 100) for _ in range(12)],
+                responses=responses,
+                behaviour_logprobs=[[-4.6] * len(r) for r in responses],
+                rewards=[0.0] * 4,
+                policy_version=0,
+                actor_id="test",
+                base_logprobs=[[-2.0 if t % 2 else -1.0 for t in range(len(r))] for r in responses],
+            )
+        )
+    store.add(groups, [1.0] * len(groups))
+    learner = Learner(cfg.learner_spec(), tiny_model_dir, store, weights_root=tmp_path / "w")
+    assert isinstance(learner.log_z, LogZHead) and float(learner.log_z.offset) == 0.0
+    first = learner.step()
+    assert first is not None
+    offset = float(learner.log_z.offset)
+    assert -1.0 < offset < -0.5  # per-token NLL between 1 and 2 (alternating -1/-2), times alpha - 1 = -0.5
+    assert first.metrics["log_z_mean"] == pytest.approx(-offset, abs=1e-4)  # the head's zero-initialised output
+    learner.save_checkpoint(tmp_path / "ckpt")
+    resumed = Learner(cfg.learner_spec(), tiny_model_dir, store, weights_root=tmp_path / "w2")
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    assert isinstance(resumed.log_z, LogZHead) and float(resumed.log_z.offset) == pytest.approx(offset)
+    resumed.step()
+    assert float(resumed.log_z.offset) == pytest.approx(offset)  # not measured again on a resumed run

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from configs.schema import GRPOObjectiveConfig, PacedObjectiveConfig, PowerFlowObjectiveConfig, TBObjectiveConfig
 from learner import objectives
-from learner.log_partition import LogZHead, ZPhi, accuracy_estimate
+from learner.log_partition import LogZHead, ZPhi, accuracy_estimate, measured_offset
 from learner.logprobs import token_logprobs
 from learner.objectives import (
     OBJECTIVES,
@@ -560,3 +560,13 @@ def test_token_logprobs_in_bf16_are_summed_in_float32() -> None:
     logp_BT, _ = token_logprobs(policy, batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT)
     assert logp_BT.dtype == torch.float32
     assert torch.equal(logp_BT[batch.response_mask_BT == 0], torch.zeros(int((batch.response_mask_BT == 0).sum())))
+
+
+def test_measured_offset_is_alpha_minus_one_times_the_mean_nll_per_token() -> None:
+    base = torch.tensor([[0.0, -1.0, -3.0, 0.0], [0.0, -2.0, 0.0, 0.0]])  # NLL per token: 2.0 in both rows
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]])
+    assert measured_offset(base, mask, alpha=0.5) == pytest.approx(-1.0)  # (0.5 - 1) x 2.0
+    assert measured_offset(base, mask, alpha=2.0) == pytest.approx(2.0)
+    empty = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="no response tokens"):
+        measured_offset(base[:1], empty, alpha=2.0)
