@@ -4,6 +4,8 @@ comes out as a table, a figure and JSON; on the tiny model, for real (Ray, the l
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from cluster.cli import main
-from cluster.compare import compare, finished_run, paired_with, plan
+from cluster.compare import RunResult, compare, final_estimates, finished_run, paired_with, plan
 from tests.conftest import MODEL_CACHE
 
 
@@ -67,3 +69,21 @@ def test_compare_two_objectives_on_the_tiny_model(ray_local: Any, tmp_path: Path
     assert (tmp_path / "compare.md").read_text() == table
     changed = plan("tiny_cpu", [*overrides, "learner.lr=1e-3"], "grpo", rollouts=32, seed=0, out=tmp_path)
     assert finished_run(changed) is None  # another config is never taken for this one
+
+
+def test_final_accuracy_has_a_t_interval_across_seeds() -> None:
+    """With several seeds the table's interval is across training runs (t with seeds - 1 degrees of freedom);
+    with one seed it falls back to that run's own interval over prompts."""
+
+    def run(kind: str, seed: int, final: float) -> RunResult:
+        base = {"step": 0, "rollouts": 0, "elapsed_s": 10.0, "avg@8": {"mean": 0.3, "low": 0.2, "high": 0.4, "n": 80}}
+        end = {"step": 8, "rollouts": 512, "elapsed_s": 500.0 + seed, "avg@8": {"mean": final, "low": 0.0, "high": 1.0}}
+        return RunResult(kind, seed, 8, f"/runs/{kind}-s{seed}", [base, end])
+
+    finals = [0.60, 0.70, 0.65]
+    table = final_estimates([run("grpo", s, f) for s, f in enumerate(finals)] + [run("tb", 0, 0.5)])
+    half = 4.303 * statistics.stdev(finals) / math.sqrt(3)  # t(0.975, 2) = 4.303
+    assert table["grpo"]["final"] == pytest.approx(0.65) and table["grpo"]["seeds"] == 3
+    assert (table["grpo"]["low"], table["grpo"]["high"]) == pytest.approx((0.65 - half, 0.65 + half))
+    assert table["grpo"]["seconds"] == pytest.approx(501.0) and table["grpo"]["base"] == pytest.approx(0.3)
+    assert (table["tb"]["low"], table["tb"]["high"], table["tb"]["seeds"]) == (0.0, 1.0, 1)  # the run's own interval
