@@ -89,21 +89,37 @@ def run_pareto(
             for label, _ in models
             for t in temperatures
         ]
-        console.print(table(points))
+        for shown in tables(points):
+            console.print(shown)
     write_outputs(points, out, command)
     return points
 
 
-def table(points: Sequence[Point]) -> Table:
-    t = Table(title="diversity vs quality (95% CI over prompts; Δ: paired against the base at the same temperature)")
-    t.add_column("model")
-    t.add_column("T", justify="right")
-    for name in SHOWN:
-        t.add_column(name, justify="right")
+HEADERS = {"semantic_diversity": "sem. diversity", "distinct_2": "distinct-2", "relevance": "relevance",
+           "response_tokens": "tokens"}  # fmt: skip
+
+
+def tables(points: Sequence[Point]) -> list[Table]:
+    """For the terminal: the metrics (mean ± 95% CI), then each trained point's paired change against the base."""
+    values = Table(title="diversity vs quality (mean ± 95% CI over held-out prompts)")
+    changes = Table(title="trained minus base at the same temperature, paired by prompt [95% CI]")
+    for t in (values, changes):
+        t.add_column("model", overflow="fold")
+        t.add_column("T", justify="right")
+        for name in SHOWN:
+            t.add_column(HEADERS[name], justify="right")
     for p in points:
-        cells = [_cell(p, name) for name in SHOWN]
-        t.add_row(p.model, f"{p.temperature:g}", *cells)
-    return t
+        label = p.model if p.model == "base" else Path(p.model).name
+        values.add_row(label, f"{p.temperature:g}", *(str(p.metrics[n]) for n in SHOWN))
+        if p.vs_base is not None:
+            cells = (_change(p.vs_base[n], "+.1f" if n == "response_tokens" else "+.3f") for n in SHOWN)
+            changes.add_row(label, f"{p.temperature:g}", *cells)
+    return [values, changes] if changes.row_count else [values]
+
+
+def _change(e: Estimate, spec: str) -> str:
+    bound = "+.1f" if spec == "+.1f" else "+.2f"  # the interval one digit shorter than the mean: narrow columns
+    return f"{e.mean:{spec}} [{e.low:{bound}}, {e.high:{bound}}]"
 
 
 def _cell(p: Point, name: str) -> str:

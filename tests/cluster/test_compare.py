@@ -67,7 +67,7 @@ def test_compare_two_objectives_on_the_tiny_model(ray_local: Any, tmp_path: Path
     assert console.export_text().count("reusing the finished run") == 2
     assert [(r.objective, r.steps, r.evals) for r in again] == [(r.objective, r.steps, r.evals) for r in results]
     assert (tmp_path / "compare.md").read_text() == table
-    changed = plan("tiny_cpu", [*overrides, "learner.lr=1e-3"], "grpo", rollouts=32, seed=0, out=tmp_path)
+    changed = plan("tiny_cpu", [*overrides, "learner.lr=2.5e-4"], "grpo", rollouts=32, seed=0, out=tmp_path)
     assert finished_run(changed) is None  # another config is never taken for this one
 
 

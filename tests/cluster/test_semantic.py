@@ -85,7 +85,8 @@ def test_pareto_command_writes_table_json_and_figure(
     args += ["--temperatures", "0.7,1.5", "--prompts", "3", "--samples", "3", "--engine", "hf", "--out", str(out)]
     assert main(args) == 0
     terminal = capfd.readouterr().out
-    assert "semantic_diversity" in terminal and "pareto.png" in terminal
+    assert "relevance" in terminal and "distinct-2" in terminal and "pareto.png" in terminal
+    assert "trained minus base" in terminal  # the second table: the run's changes against the base
     points = json.loads((out / "pareto.json").read_text())["points"]
     assert [(p["model"], p["temperature"]) for p in points] == [
         ("base", 0.7),
