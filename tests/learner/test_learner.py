@@ -25,13 +25,14 @@ def _cfg(stage: int) -> RunConfig:
     )
 
 
-def _filled_store(cfg: RunConfig) -> MemoryStore:
-    rng = random.Random(0)
+def _filled_store(cfg: RunConfig, *, groups: int = 12, seed: int = 0, base_logprobs: bool = False) -> MemoryStore:
+    """Random groups of 4 responses; with `base_logprobs`, base-model log-probs alternating -1 and -2 per token."""
+    rng = random.Random(seed)
     store = MemoryStore(cfg.replay)
-    groups = []
-    for i in range(12):
+    made = []
+    for i in range(groups):
         responses = [[rng.randrange(4, 100) for _ in range(rng.randrange(3, 10))] + [2] for _ in range(4)]
-        groups.append(
+        made.append(
             RolloutGroup.new(
                 prompt_id=f"p{i}",
                 prompt_token_ids=[rng.randrange(4, 100) for _ in range(12)],
@@ -40,9 +41,12 @@ def _filled_store(cfg: RunConfig) -> MemoryStore:
                 rewards=[float(rng.random() < 0.3) for _ in range(4)],
                 policy_version=0,
                 actor_id="test",
+                base_logprobs=[[-2.0 if t % 2 else -1.0 for t in range(len(r))] for r in responses]
+                if base_logprobs
+                else None,
             )
         )
-    store.add(groups, [1.0] * len(groups))
+    store.add(made, [1.0] * len(made))
     return store
 
 
@@ -160,24 +164,7 @@ def test_powerflow_measures_its_log_z_offset_on_the_first_batch(tiny_model_dir: 
         "objective={kind: powerflow, alpha: 0.5, log_z_offset_per_token: auto}",
     ]
     cfg = load_config("tiny_cpu", overrides)
-    store = MemoryStore(cfg.replay)
-    rng = random.Random(1)
-    groups = []
-    for i in range(6):
-        responses = [[rng.randrange(4, 100) for _ in range(rng.randrange(3, 10))] + [2] for _ in range(4)]
-        groups.append(
-            RolloutGroup.new(
-                prompt_id=f"p{i}",
-                prompt_token_ids=[rng.randrange(4, 100) for _ in range(12)],
-                responses=responses,
-                behaviour_logprobs=[[-4.6] * len(r) for r in responses],
-                rewards=[0.0] * 4,
-                policy_version=0,
-                actor_id="test",
-                base_logprobs=[[-2.0 if t % 2 else -1.0 for t in range(len(r))] for r in responses],
-            )
-        )
-    store.add(groups, [1.0] * len(groups))
+    store = _filled_store(cfg, groups=6, seed=1, base_logprobs=True)
     learner = Learner(cfg.learner_spec(), tiny_model_dir, store, weights_root=tmp_path / "w")
     assert isinstance(learner.log_z, LogZHead) and float(learner.log_z.offset) == 0.0
     first = learner.step()
