@@ -73,7 +73,7 @@ def run_paceflow(
     """One paceflow run sized like `paceflow compare` sizes it (synchronous, one actor, exact budget)."""
     from rich.console import Console
 
-    from cluster.compare import plan
+    from cluster.compare import accuracy_metric, plan
     from cluster.console import third_party_output_to
     from cluster.launch import train
 
@@ -85,15 +85,14 @@ def run_paceflow(
         summary = train(cfg, console=Console(file=progress, width=120))
     per_step = cfg.batch_plan[0] * cfg.rollout.sampling.num_samples
     ends = [float(s["elapsed_s"]) for s in summary.steps]
-    final = summary.evals[-1]
-    name = next(k for k in final["metrics"] if k.startswith("avg@"))
-    row = _row(f"paceflow-{objective}{label}", ends, per_step, None, final["metrics"][name], name, str(summary.run_dir))
+    name, accuracy = accuracy_metric(summary.evals[-1]["metrics"])
+    row = _row(f"paceflow-{objective}{label}", ends, per_step, None, accuracy, name, str(summary.run_dir))
     row["rollouts_trained"] = int(summary.steps[-1]["rollouts"])  # generated, fresh: the budget that was spent
     return row
 
 
 def run_trl(config: str, rollouts: int, out: Path, log: Path, base: list[str], *, bf16: bool) -> dict[str, Any]:
-    from cluster.compare import plan
+    from cluster.compare import accuracy_metric, plan
 
     cfg = plan(config, base, "grpo", rollouts=rollouts, seed=0, out=out / "paceflow-plan")
     group, prompts = cfg.rollout.sampling.num_samples, cfg.batch_plan[0]
@@ -122,8 +121,8 @@ def run_trl(config: str, rollouts: int, out: Path, log: Path, base: list[str], *
     wall = time.perf_counter() - start
     record = json.loads((out / "trl" / "trl.json").read_text())
     held_out = evaluate(config, base, out / "trl" / "final", out / "trl" / "eval.json", log)
-    name = next(k for k in held_out if k.startswith("avg@"))
-    row = _row("trl-grpo", record["step_ends_s"], prompts * group, wall, held_out[name], name, str(out / "trl"))
+    name, accuracy = accuracy_metric(held_out)
+    row = _row("trl-grpo", record["step_ends_s"], prompts * group, wall, accuracy, name, str(out / "trl"))
     row["trl"] = {"version": TRL_VERSION, "bf16": bf16, "generation": "transformers generate"}
     (out / "trl" / "row.json").write_text(json.dumps(row))  # --reuse-trl reads it back
     return row

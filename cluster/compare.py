@@ -115,14 +115,14 @@ def compare(
         result = RunResult(cfg.objective.kind, cfg.seed, len(summary.steps), str(summary.run_dir))
         per_step = cfg.batch_plan[0] * cfg.rollout.sampling.num_samples  # what each synchronous step consumed
         for e in summary.evals:
-            name = next(k for k in e["metrics"] if k.startswith("avg@"))
+            name, accuracy = accuracy_metric(e["metrics"])
             result.evals.append(
                 {
                     "step": e["step"],
                     "rollouts": e["step"] * per_step,
                     "generated": e["rollouts"],  # includes the batch the actor had ready for the next step
                     "elapsed_s": e["elapsed_s"],
-                    name: e["metrics"][name],
+                    name: accuracy,
                 }
             )
         results.append(result)
@@ -150,7 +150,8 @@ def finished_run(cfg: RunConfig) -> TrainSummary | None:
     return TrainSummary(run_dir=run_dir, steps=data["steps"], evals=data["evals"])
 
 
-def _metric(evaluation: dict[str, Any]) -> tuple[str, dict[str, float]]:
+def accuracy_metric(evaluation: dict[str, Any]) -> tuple[str, dict[str, float]]:
+    """The avg@k entry of an evaluation's metrics (k is the evaluation's samples per prompt): (name, estimate)."""
     name = next(k for k in evaluation if k.startswith("avg@"))
     return name, evaluation[name]
 
@@ -161,7 +162,7 @@ def final_estimates(results: list[RunResult]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for kind in dict.fromkeys(r.objective for r in results):
         runs = [r for r in results if r.objective == kind and r.evals]
-        finals = [_metric(r.evals[-1])[1] for r in runs]
+        finals = [accuracy_metric(r.evals[-1])[1] for r in runs]
         means = [f["mean"] for f in finals]
         mean = statistics.fmean(means)
         if len(means) > 1:
@@ -173,7 +174,7 @@ def final_estimates(results: list[RunResult]) -> dict[str, dict[str, float]]:
             "final": mean,
             "low": low,
             "high": high,
-            "base": statistics.fmean(_metric(r.evals[0])[1]["mean"] for r in runs),
+            "base": statistics.fmean(accuracy_metric(r.evals[0])[1]["mean"] for r in runs),
             "rollouts": statistics.fmean(r.evals[-1]["rollouts"] for r in runs),
             "seconds": statistics.fmean(r.evals[-1]["elapsed_s"] for r in runs),
             "seeds": len(runs),
@@ -187,7 +188,7 @@ def paired_with(results: list[RunResult], baseline: str) -> dict[str, Estimate]:
     differences with a t-interval across seeds. Far tighter than comparing two finals' own intervals, because the
     prompts' difficulty cancels."""
     finals = {(r.objective, r.seed): _final_prompts(r) for r in results if r.evals}
-    metric = _metric(results[0].evals[-1])[0]
+    metric = accuracy_metric(results[0].evals[-1])[0]
     out: dict[str, Estimate] = {}
     for kind in dict.fromkeys(r.objective for r in results):
         if kind == baseline:
@@ -227,7 +228,7 @@ def summary_table(results: list[RunResult]) -> Table:
 def write_report(results: list[RunResult], out: Path, *, command: str | None) -> None:
     """compare.md (table + figure + command) and compare.png."""
     estimates = final_estimates(results)
-    metric = _metric(results[0].evals[0])[0] if results and results[0].evals else "avg@k"
+    metric = accuracy_metric(results[0].evals[0])[0] if results and results[0].evals else "avg@k"
     lines = [
         "# paceflow compare",
         "",
@@ -273,11 +274,11 @@ def _plot(results: list[RunResult], path: Path, metric: str) -> None:
     for kind, color in colors.items():
         runs = [r for r in results if r.objective == kind and r.evals]
         for r in runs:  # each seed thin, their mean thick
-            ys = [_metric(e)[1]["mean"] for e in r.evals]
+            ys = [accuracy_metric(e)[1]["mean"] for e in r.evals]
             axes[0].plot([e["rollouts"] for e in r.evals], ys, color=color, alpha=0.25, linewidth=1)
             axes[1].plot([e["elapsed_s"] for e in r.evals], ys, color=color, alpha=0.25, linewidth=1)
         n = min(len(r.evals) for r in runs)
-        mean_y = [statistics.fmean(_metric(r.evals[i])[1]["mean"] for r in runs) for i in range(n)]
+        mean_y = [statistics.fmean(accuracy_metric(r.evals[i])[1]["mean"] for r in runs) for i in range(n)]
         mean_x = [statistics.fmean(r.evals[i]["rollouts"] for r in runs) for i in range(n)]
         mean_t = [statistics.fmean(r.evals[i]["elapsed_s"] for r in runs) for i in range(n)]
         label = f"{kind} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''})"

@@ -112,21 +112,18 @@ def tables(points: Sequence[Point]) -> list[Table]:
         label = p.model if p.model == "base" else Path(p.model).name
         values.add_row(label, f"{p.temperature:g}", *(str(p.metrics[n]) for n in SHOWN))
         if p.vs_base is not None:
-            cells = (_change(p.vs_base[n], "+.1f" if n == "response_tokens" else "+.3f") for n in SHOWN)
+            # One digit less on the bounds keeps the columns narrow; token counts need one digit in all.
+            cells = (_change(p.vs_base[n], *((1, 1) if n == "response_tokens" else (3, 2))) for n in SHOWN)
             changes.add_row(label, f"{p.temperature:g}", *cells)
     return [values, changes] if changes.row_count else [values]
 
 
-def _change(e: Estimate, spec: str) -> str:
-    bound = "+.1f" if spec == "+.1f" else "+.2f"  # the interval one digit shorter than the mean: narrow columns
-    return f"{e.mean:{spec}} [{e.low:{bound}}, {e.high:{bound}}]"
+def _change(e: Estimate, digits: int = 3, bound_digits: int = 3) -> str:
+    return f"{e.mean:+.{digits}f} [{e.low:+.{bound_digits}f}, {e.high:+.{bound_digits}f}]"
 
 
 def _cell(p: Point, name: str) -> str:
-    text = str(p.metrics[name])
-    if p.vs_base is not None:
-        text += f" (Δ {p.vs_base[name].mean:+.3f} [{p.vs_base[name].low:+.3f}, {p.vs_base[name].high:+.3f}])"
-    return text
+    return str(p.metrics[name]) + (f" (Δ {_change(p.vs_base[name])})" if p.vs_base is not None else "")
 
 
 def write_outputs(points: Sequence[Point], out: Path, command: str) -> None:

@@ -58,7 +58,12 @@ def measured_offset(base_logp_BT: Tensor, response_mask_BT: Tensor, alpha: float
     if not bool(rows.any()):
         raise ValueError("no response tokens in the batch to measure the base model's NLL on")
     per_token = (base_logp_BT * mask).sum(-1)[rows] / lengths[rows]
-    return float(-per_token.mean()) * (alpha - 1.0)
+    return power_offset(float(-per_token.mean()), alpha)
+
+
+def power_offset(nll_per_token: float, alpha: float) -> float:
+    """The LogZHead offset that centres PowerFlow's first residuals, given the base model's NLL per token."""
+    return nll_per_token * (alpha - 1.0)
 
 
 class ZPhi(nn.Module):

@@ -31,7 +31,7 @@ from learner.batching import TrainBatch, collate, micro_batches
 from learner.calibration import GroupOutcome, calibration_metrics, informative_counts
 from learner.checkpoint import load_state, save_state
 from learner.deepspeed_engine import PolicyEngine
-from learner.log_partition import LogZHead, ZPhi, accuracy_estimate, measured_offset
+from learner.log_partition import LogZHead, ZPhi, accuracy_estimate, measured_offset, power_offset
 from learner.logprobs import token_logprobs
 from learner.objectives import ObjectiveInputs, compute_objective, tb_log_reward
 from learner.weights import WeightSlots, announcement, publish_weights
@@ -159,7 +159,7 @@ class Learner:
             return LogZHead(hidden, clamp=obj.log_z_clamp) if obj.log_z == "head" else None
         if isinstance(obj, PowerFlowObjectiveConfig):
             per_token = 0.0 if obj.log_z_offset_per_token == "auto" else obj.log_z_offset_per_token  # auto: step 1
-            return LogZHead(hidden, offset=per_token * (obj.alpha - 1.0), clamp=obj.log_z_clamp)
+            return LogZHead(hidden, offset=power_offset(per_token, obj.alpha), clamp=obj.log_z_clamp)
         if isinstance(obj, PacedObjectiveConfig):
             return ZPhi(hidden, obj.z_phi_hidden, beta=obj.beta, clamp=obj.log_z_clamp)
         return None
