@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -278,8 +279,6 @@ class RolloutActor:
         except Exception as exc:  # surface it to the driver, then die so Ray restarts a clean incarnation
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("rollout loop of %s failed", self.actor_id)
-            import os
-
             os._exit(1)
 
     def start(self) -> None:
@@ -301,6 +300,7 @@ class RolloutActor:
 
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         return {
+            "pid": os.getpid(),  # which process to look at (or, in the fault tests, to kill)
             **asdict(self.worker.counters),
             "actor_id": self.actor_id,
             "node_id": ray.get_runtime_context().get_node_id(),

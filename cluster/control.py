@@ -140,7 +140,7 @@ def status_table(status: dict[str, Any]) -> Any:
         f"replay: {replay.get('size', 0)} groups ({replay.get('fresh', 0)} fresh), "
         f"{replay.get('inserted', 0)} inserted, {replay.get('sampled', 0)} sampled, "
         f"{replay.get('evicted_stale', 0)} stale + {replay.get('evicted_capacity', 0)} over capacity evicted "
-        f"({replay.get('evicted_unsampled', 0)} never drawn), "
+        f"({replay.get('evicted_unsampled', 0)} never drawn), {replay.get('stale_on_arrival', 0)} refused stale, "
         f"success buffer {replay.get('success_size', 0)}"
     )
     table = Table("actor", "alive", "weights", "groups", "responses", "tokens", "s in engine", "s waiting", box=None)

@@ -68,6 +68,7 @@ def train(
     run_dir = Path(cfg.output_dir).expanduser() / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    cfg = resolve_replay_password(cfg)  # after config.yaml: only the variable or file name is ever written
     with console.status("Preparing the model and the task..."):
         model_dir = resolve_model_dir(cfg.model)
         task = build_task(cfg.task)
@@ -88,12 +89,12 @@ def train(
     poller = Poller(cfg.metrics.poll_s, lambda: _poll(run, metrics))  # one read of actors and replay for all
     exporter = _serve_metrics(cfg, metrics, run_dir, console)
     try:
-        with RunRecorder(cfg, run_dir, run.store, resumed=run.steps_done > 0, metrics=metrics) as recorder:
+        with RunRecorder(cfg, run_dir, run.store, resumed_at=run.steps_done, metrics=metrics) as recorder:
             steps = range(run.steps_done + 1, num_steps + 1)
             _drive(cfg, run, recorder, metrics, steps, console, run_dir / "checkpoint", summary)
         summary.steps, summary.evals = recorder.steps, recorder.evals
         _stop_actors(run.actors, summary)  # first, so the checkpoint holds every group they finished
-        _checkpoint(cfg, run, run_dir / "checkpoint")
+        _checkpoint(cfg, run, run_dir / "checkpoint", console)
         summary.final_dir = Path(ray.get(run.learner.save_pretrained.remote(str(run_dir / "final"))))
         console.print(f"saved the policy to {summary.final_dir} (loads with transformers and vLLM)")
     finally:
@@ -136,7 +137,39 @@ def _run_identity(cfg: RunConfig, resume: Path | None) -> tuple[RunConfig, Path 
     checkpoint = Path(resume).expanduser() / "checkpoint"
     if not (checkpoint / "run.json").is_file():
         raise FileNotFoundError(f"--resume: {resume} has no checkpoint/run.json (is it a paceflow run directory?)")
+    saved = checkpoint / "config.yaml"  # checkpoints before this file existed: the run's own config.yaml
+    check_resumable(cfg, saved if saved.is_file() else checkpoint.parent / "config.yaml")
     return cfg.model_copy(update={"run_id": json.loads((checkpoint / "run.json").read_text())["run_id"]}), checkpoint
+
+
+RESUME_MUST_MATCH = ("model.", "tokenizer.", "task.", "objective.kind", "learner.dtype", "learner.deepspeed.zero_stage")
+"""Config fields a checkpoint is bound to (its weights, optimizer layout, log Z per prompt id); the others (steps,
+learning rate, evaluation, actors) may change on --resume."""
+
+
+def check_resumable(cfg: RunConfig, saved_config: Path) -> None:
+    """Refuse, naming each field and both values, to resume a checkpoint with a config of another model, task or
+    objective: its weights would not load, or would load and train on prompts its log Z never saw."""
+    if not saved_config.is_file():
+        return
+    from configs.load import read_yaml
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    before, now = flat(read_yaml(saved_config)), flat(json.loads(cfg.model_dump_json()))
+    bound = [k for k in sorted(set(before) | set(now)) if k.startswith(RESUME_MUST_MATCH) and k != "model.cache_dir"]
+    differ = [
+        f"{k}: checkpoint {before.get(k)!r}, this config {now.get(k)!r}" for k in bound if before.get(k) != now.get(k)
+    ]
+    if differ:
+        raise ValueError(
+            f"--resume: the checkpoint in {saved_config.parent} was trained with another config; these fields "
+            "must match to resume it:\n  " + "\n  ".join(differ) + "\nStart a new run (another name or output_dir) "
+            "to train with these settings."
+        )
 
 
 def resolve_replay_host(cfg: RunConfig) -> RunConfig:
@@ -147,6 +180,22 @@ def resolve_replay_host(cfg: RunConfig) -> RunConfig:
 
     replay = cfg.replay.model_copy(update={"host": ray.util.get_node_ip_address()})
     return cfg.model_copy(update={"replay": replay})
+
+
+def resolve_replay_password(cfg: RunConfig) -> RunConfig:
+    """replay.password_env / password_file -> the password itself, read once here, where `paceflow train` runs.
+    The run's workers get it in memory with their config section (masked in anything printed or saved), so the
+    variable need only be set in this process's environment, not on every node."""
+    replay = cfg.replay
+    if replay.kind != "redis" or (replay.password_env is None and replay.password_file is None):
+        return cfg
+    from pydantic import SecretStr
+
+    from replay.redis_store import _password
+
+    secret = SecretStr(_password(replay) or "")
+    resolved = replay.model_copy(update={"password": secret, "password_env": None, "password_file": None})
+    return cfg.model_copy(update={"replay": resolved})
 
 
 def resolve_weight_transport(cfg: RunConfig) -> RunConfig:
@@ -228,13 +277,6 @@ def start_processes(
     import ray
 
     _start_ray(cfg)
-    control = start_control(
-        run_dir,
-        name=f"{cfg.replay_namespace}-control",
-        namespace=cfg.cluster.namespace,
-        actors=cfg.cluster.num_rollout_actors,
-        sync=cfg.learner.sync,
-    )
     snapshot = checkpoint / "replay.msgpack" if checkpoint is not None else None
     server = None
     if cfg.replay.kind == "memory":
@@ -245,6 +287,21 @@ def start_processes(
             snapshot=snapshot if snapshot is not None and snapshot.is_file() else None,
         )
     store = RemoteStore(server) if server is not None else build_store(cfg.replay, run_name=cfg.replay_namespace)
+    # One run per replay prefix: another run's keys (a reused run_id, a name that collides) are an error, not data.
+    identity = {"name": cfg.name, "run_id": cfg.run_id or "", "run_dir": str(run_dir.resolve())}
+    try:
+        store.claim({**identity, "objective": cfg.objective.kind})
+    except ValueError:
+        if server is not None:
+            ray.kill(server)
+        raise
+    control = start_control(
+        run_dir,
+        name=f"{cfg.replay_namespace}-control",
+        namespace=cfg.cluster.namespace,
+        actors=cfg.cluster.num_rollout_actors,
+        sync=cfg.learner.sync,
+    )
     weights_root = _weights_root(cfg)
     scheduler = start_scheduler_server(cfg, [p.prompt_id for p in train_prompts], server)
     if checkpoint is not None:
@@ -297,18 +354,23 @@ def _report(summary: TrainSummary, console: Console) -> Path | None:
 
 class RunRecorder:
     """The run's files, one line per event: metrics.jsonl (steps), calibration.jsonl (PACED-RL's fresh groups)
-    and evals.jsonl (held-out evaluations with per-prompt results). A resumed run appends."""
+    and evals.jsonl (held-out evaluations with per-prompt results). A run resumed at step `resumed_at` keeps the
+    rows up to that step and drops later ones: a run that crashed after its last checkpoint redoes those steps,
+    and each step must appear once."""
+
+    FILES = ("metrics", "calibration", "evals")
 
     def __init__(
-        self, cfg: RunConfig, run_dir: Path, store: ReplayStore, *, resumed: bool, metrics: RunMetrics
+        self, cfg: RunConfig, run_dir: Path, store: ReplayStore, *, resumed_at: int, metrics: RunMetrics
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.metrics = metrics
-        mode = "a" if resumed else "w"
-        self._files: dict[str, IO[str]] = {
-            name: (run_dir / f"{name}.jsonl").open(mode) for name in ("metrics", "calibration", "evals")
-        }
+        if resumed_at:
+            for name in self.FILES:
+                _keep_rows_up_to(run_dir / f"{name}.jsonl", resumed_at)
+        mode = "a" if resumed_at else "w"
+        self._files: dict[str, IO[str]] = {name: (run_dir / f"{name}.jsonl").open(mode) for name in self.FILES}
         self.steps: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self.started = time.perf_counter()
@@ -360,6 +422,23 @@ class RunRecorder:
         self._files[name].flush()
 
 
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the JSON lines of `path` whose step is after `step` (and a torn last line), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the line a crash cut short
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def _stop_actors(actors: list[Any], summary: TrainSummary) -> None:
     import ray
 
@@ -370,26 +449,50 @@ def _stop_actors(actors: list[Any], summary: TrainSummary) -> None:
             summary.actor_counters.append({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def _checkpoint(cfg: RunConfig, run: RunProcesses, directory: Path) -> None:
-    """Learner state, the in-process replay (Redis persists itself), the scheduler position and the run id,
-    written next to the previous checkpoint and swapped in only when complete."""
+def _checkpoint(cfg: RunConfig, run: RunProcesses, directory: Path, console: Console) -> bool:
+    """Learner state, the in-process replay (Redis persists itself), the scheduler position, the config and the run
+    id, written to `<directory>-<step>` and then made current by atomically replacing the `directory` symlink, so a
+    crash at any moment leaves a complete checkpoint behind. A write that fails (a full disk) is reported, its
+    partial files removed, and the run goes on with the previous checkpoint intact; False then."""
     import ray
 
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ray.get(run.learner.save_checkpoint.remote(str(tmp)))
-    if run.server is not None:
-        ray.get(run.server.save.remote(str(tmp / "replay.msgpack")))
-    (tmp / "scheduler.json").write_text(json.dumps(ray.get(run.scheduler.state.remote())))
     step = ray.get(run.learner.step_count.remote())
-    (tmp / "run.json").write_text(json.dumps({"run_id": cfg.run_id, "step": step, "name": cfg.name}))
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    target = directory.with_name(f"{directory.name}-{step:06d}")
+    if directory.is_symlink() and directory.resolve() == target.resolve():
+        return True  # this step is checkpointed already (the run's last step on a checkpoint_every_steps boundary)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        ray.get(run.learner.save_checkpoint.remote(str(tmp)))
+        if run.server is not None:
+            ray.get(run.server.save.remote(str(tmp / "replay.msgpack")))
+        (tmp / "scheduler.json").write_text(json.dumps(ray.get(run.scheduler.state.remote())))
+        (tmp / "config.yaml").write_text(to_yaml(cfg))  # what --resume checks a config against (secrets masked)
+        (tmp / "run.json").write_text(json.dumps({"run_id": cfg.run_id, "step": step, "name": cfg.name}))
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
+    except OSError as exc:  # Ray re-raises a worker's OSError as one, so a learner-side ENOSPC lands here too
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the checkpoint of step {_checkpoint_step(directory)} is intact" if directory.exists() else "none"
+        console.print(
+            f"[red]checkpoint of step {step} failed[/] ({type(exc).__name__}: {exc}); {kept}; training goes on"
+        )
+        return False
+    if directory.exists() and not directory.is_symlink():  # a run directory from before checkpoints were symlinks
+        os.rename(directory, directory.with_name(f"{directory.name}-{_checkpoint_step(directory):06d}"))
+    link = directory.with_name(directory.name + ".link")
+    link.unlink(missing_ok=True)
+    os.symlink(target.name, link)
+    os.replace(link, directory)  # the atomic step: resume now finds this checkpoint
+    for old in directory.parent.glob(f"{directory.name}-*"):
+        if old.is_dir() and old.resolve() != target.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def _checkpoint_step(directory: Path) -> int:
+    return int(json.loads((directory / "run.json").read_text())["step"])
 
 
 def _drive(
@@ -431,7 +534,7 @@ def _drive(
                 live.update(_progress(recorder, num_steps, cfg))
                 evaluate(step, version, weights.path if weights is not None else None)
             if cfg.learner.checkpoint_every_steps and step % cfg.learner.checkpoint_every_steps == 0:
-                _checkpoint(cfg, run, checkpoint_dir)
+                _checkpoint(cfg, run, checkpoint_dir, console)
             if step % cfg.metrics.log_every_steps == 0 or step == num_steps:
                 live.update(_progress(recorder, num_steps, cfg))
             _publish_status(cfg, run, recorder, metrics, num_steps)

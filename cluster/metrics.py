@@ -196,6 +196,11 @@ class RunMetrics:
             "Groups evicted before any batch drew them (generated, never trained on)",
             s["evicted_unsampled"],
         )
+        yield self._counter(
+            "paceflow_replay_stale_on_arrival_groups",
+            "Groups refused on arrival: made by weights over replay.max_policy_lag versions old",
+            s.get("stale_on_arrival", 0),
+        )
         yield self._gauge(
             "paceflow_replay_drawn_ratio",
             "Share of the inserted groups that some batch has drawn",

@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import redis
 
@@ -102,24 +103,55 @@ def start_redis(
     appendonly: bool = False,
     workdir: Path | None = None,
     timeout_s: float = 15.0,
+    tls_cert_file: Path | None = None,
+    tls_key_file: Path | None = None,
+    tls_ca_file: Path | None = None,
+    tls_auth_clients: Literal["optional", "yes"] = "optional",
 ) -> Service:
     """A redis-server owned by the caller. With appendonly it fsyncs the AOF every second (survives restarts
-    when started again on the same workdir)."""
+    when started again on the same workdir). With the three TLS files it serves TLS only, on `port` (the
+    server's certificate and key, and the CA that clients' certificates must be signed by); `tls_auth_clients`
+    'yes' refuses clients without such a certificate."""
+    tls = (tls_cert_file, tls_key_file, tls_ca_file)
+    if any(f is not None for f in tls) and not all(f is not None for f in tls):
+        raise ValueError("start_redis: TLS needs tls_cert_file, tls_key_file and tls_ca_file together")
     port = port or free_port(host)
     owns = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="paceflow-redis-"))
-    argv = [_binary("redis-server"), "--port", str(port), "--bind", host, "--dir", str(workdir), "--save", ""]
+    argv = [_binary("redis-server"), "--bind", host, "--dir", str(workdir), "--save", ""]
+    if tls_cert_file is not None:
+        argv += ["--tls-port", str(port), "--port", "0", "--tls-cert-file", str(tls_cert_file)]
+        argv += ["--tls-key-file", str(tls_key_file), "--tls-ca-cert-file", str(tls_ca_file)]
+        argv += ["--tls-auth-clients", tls_auth_clients]
+    else:
+        argv += ["--port", str(port)]
     argv += ["--appendonly", "yes", "--appendfsync", "everysec"] if appendonly else ["--appendonly", "no"]
     if password:
         argv += ["--requirepass", password]
     service = _spawn("redis-server", argv, workdir, host, port, owns_workdir=owns)
 
     def ready() -> bool:
-        # Ask for the server's PID: a port answered by someone else's redis is not ours.
+        # Ask for the server's PID: a port answered by someone else's redis is not ours. Over TLS the probe shows
+        # the server's own certificate as its client certificate (as redis-server does for replication), so it
+        # passes `tls-auth-clients yes`; it checks the signature but not the hostname, since the certificate may
+        # name the machine rather than `host`.
+        client = redis.Redis(
+            host=host,
+            port=port,
+            password=password,
+            socket_timeout=0.5,
+            ssl=tls_cert_file is not None,
+            ssl_certfile=str(tls_cert_file) if tls_cert_file is not None else None,
+            ssl_keyfile=str(tls_key_file) if tls_key_file is not None else None,
+            ssl_ca_certs=str(tls_ca_file) if tls_ca_file is not None else None,
+            ssl_check_hostname=False,
+        )
         try:
-            info = redis.Redis(host=host, port=port, password=password, socket_timeout=0.5).info("server")
+            info = client.info("server")
         except redis.RedisError:
             return False
+        finally:
+            client.close()
         return bool(info.get("process_id") == service.pid)
 
     return _wait(service, ready, timeout_s)

@@ -11,6 +11,7 @@ This module imports pydantic only, so it is cheap to import anywhere (actors, le
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -432,13 +433,22 @@ class RedisReplayConfig(_ReplayCommon):
     db: int = Field(0, ge=0, le=15)
     """Redis logical database."""
     password: SecretStr | None = None
-    """Password (AUTH); prefer password_file so it stays out of the config."""
+    """Password (AUTH) written in the config. It is masked in every printed or saved config (config.yaml, logs,
+    `model_dump_json`), but it still sits in your own YAML or command line: prefer password_env."""
     password_file: Path | None = None
-    """File holding the password on its first line."""
+    """File holding the password on its first line (read by each process when it connects)."""
+    password_env: str | None = None
+    """Name of the environment variable holding the password: the recommended source, since secrets come from
+    environment variables. Only the name is in the config; each process reads the variable when it connects, so
+    it must be set on every node (in the environment of `ray start`, or through Ray's runtime_env env_vars)."""
     tls: bool = False
-    """Connect with TLS."""
+    """Connect with TLS (to the server's tls-port)."""
     tls_ca_file: Path | None = None
-    """CA bundle for TLS verification."""
+    """CA bundle that signed the server's certificate (default: the system's trusted CAs)."""
+    tls_cert_file: Path | None = None
+    """Client certificate (PEM), for servers started with `tls-auth-clients yes`; needs tls_key_file."""
+    tls_key_file: Path | None = None
+    """Private key (PEM, unencrypted) of tls_cert_file."""
     key_prefix: str = Field("paceflow", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     """Prefix of every key, so several runs can share one server."""
 
@@ -452,10 +462,23 @@ class RedisReplayConfig(_ReplayCommon):
 
     @model_validator(mode="after")
     def _one_password_source(self) -> RedisReplayConfig:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("give either password or password_file, not both")
-        if self.tls_ca_file is not None and not self.tls:
-            raise ValueError("tls_ca_file is set but tls is false")
+        given = [name for name in ("password", "password_file", "password_env") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of password, password_file or password_env, not {' and '.join(given)}")
+        # The value is not echoed: a password pasted here by mistake must not end up in an error message.
+        if self.password_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.password_env):
+            raise ValueError(
+                "password_env must be the name of an environment variable (letters, digits and _, not starting "
+                "with a digit), not the password itself"
+            )
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            if getattr(self, name) is not None and not self.tls:
+                raise ValueError(f"{name} is set but tls is false")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            only = "tls_cert_file" if self.tls_cert_file is not None else "tls_key_file"
+            raise ValueError(
+                f"tls_cert_file and tls_key_file go together (a client certificate and its key); only {only} is set"
+            )
         return self
 
 

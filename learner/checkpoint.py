@@ -8,13 +8,31 @@ name and are renamed into place, so a crash mid-save leaves the previous checkpo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+
+@contextmanager
+def io_errors_as_os_errors() -> Iterator[None]:
+    """safetensors reports a failed write (a full disk) as its own SafetensorError; re-raise it as the OSError it
+    is, so callers handle every I/O failure of a checkpoint with one `except OSError`."""
+    try:
+        yield
+    except SafetensorError as exc:
+        if "I/O error" not in str(exc) and "os error" not in str(exc):
+            raise
+        code = re.search(r"os error (\d+)", str(exc))
+        raise OSError(int(code.group(1)) if code else errno.EIO, str(exc)) from exc
 
 
 def save_state(path: Path, state: Any) -> None:

@@ -29,7 +29,7 @@ from configs.dtypes import torch_dtype
 from configs.schema import LearnerSpec, PacedObjectiveConfig, PowerFlowObjectiveConfig, TBObjectiveConfig
 from learner.batching import TrainBatch, collate, micro_batches
 from learner.calibration import GroupOutcome, calibration_metrics, informative_counts
-from learner.checkpoint import load_state, save_state
+from learner.checkpoint import io_errors_as_os_errors, load_state, save_state
 from learner.deepspeed_engine import PolicyEngine
 from learner.log_partition import LogZHead, ZPhi, accuracy_estimate, measured_offset, power_offset
 from learner.logprobs import token_logprobs
@@ -465,8 +465,9 @@ class Learner:
         if self.log_z is not None and self.log_z_opt is not None:
             state["log_z"] = self.log_z.state_dict()
             state["log_z_optimizer"] = self.log_z_opt.state_dict()
-        self.save_pretrained(directory / "policy")
-        save_state(directory / "learner", state)
+        with io_errors_as_os_errors():
+            self.save_pretrained(directory / "policy")
+            save_state(directory / "learner", state)
 
     def load_checkpoint(self, directory: Path) -> None:
         from safetensors.torch import load_file

@@ -34,6 +34,8 @@ from replay.store import (
     Draw,
     ReplayStats,
     check_add_arguments,
+    check_identity,
+    check_identity_fields,
     decode_draw,
     initial_priorities,
     sampling_weight,
@@ -68,6 +70,7 @@ class MemoryStore:
         self._prompt_estimate: dict[str, float] = {}
         self.quarantine: list[bytes] = []
         self._weights: bytes | None = None  # kept encoded, like every record
+        self._identity: dict[str, str] | None = None  # the run that claimed the store (`claim`)
         # PACED-RL's success buffer: the same kind of table, with its own settings (replay/store.py).
         self.success = MemoryStore(success_table_config(self.cfg)) if self.cfg.success_buffer is not None else None
 
@@ -86,28 +89,32 @@ class MemoryStore:
                 known = [self._prompt_estimate.get(g.prompt_id) for g in groups]
             priorities = initial_priorities(groups, known)
         check_add_arguments(len(groups), priorities)
-        with self._lock:
-            for group in groups:
-                self._prompt_correct[group.prompt_id] = (
-                    self._prompt_correct.get(group.prompt_id, 0.0) + group.num_correct
-                )
-                self._prompt_total[group.prompt_id] = self._prompt_total.get(group.prompt_id, 0) + group.size
         encoded = list(payloads) if payloads is not None else [None] * len(groups)
-        keys = self._add_rows(list(zip(groups, priorities, encoded, strict=True)))
+        keys = self._add_rows(list(zip(groups, priorities, encoded, strict=True)), count_prompts=True)
         if self.success is not None and self.cfg.success_buffer is not None:
             inserts = success_inserts(groups, priorities, self.cfg.success_buffer.insert_top_k)
             self.success._add_rows([(group, priority, None) for group, priority in inserts])
         return keys
 
-    def _add_rows(self, rows: Sequence[tuple[RolloutGroup, float, bytes | None]]) -> list[str]:
-        """Insert groups not seen before, then evict over capacity; returns the keys inserted and still present."""
+    def _add_rows(
+        self, rows: Sequence[tuple[RolloutGroup, float, bytes | None]], *, count_prompts: bool = False
+    ) -> list[str]:
+        """Insert groups not seen before, then evict over capacity; returns the keys inserted and still present.
+        With `count_prompts`, every group not seen before (stale or not) counts into its prompt's statistics."""
         with self._lock:
             keys = []
             for group, priority, payload in rows:
                 if group.group_id in self._seen:
-                    self._counts["duplicates"] += 1
+                    self._counts["duplicates"] += 1  # a retry: its prompt was counted the first time
                     continue
                 self._remember(group.group_id)
+                if count_prompts:
+                    pid = group.prompt_id
+                    self._prompt_correct[pid] = self._prompt_correct.get(pid, 0.0) + group.num_correct
+                    self._prompt_total[pid] = self._prompt_total.get(pid, 0) + group.size
+                if self._version_now - group.policy_version > self.cfg.max_policy_lag:
+                    self._counts["stale_on_arrival"] += 1  # made by weights the learner has left behind
+                    continue
                 payload = payload if payload is not None else encode_group(group)
                 self._insert(group.group_id, payload, float(priority), group.policy_version)
                 keys.append(group.group_id)
@@ -287,6 +294,21 @@ class MemoryStore:
                 )
                 for pid in prompt_ids
             ]
+
+    def claim(self, identity: Mapping[str, str]) -> None:
+        """As `RedisStore.claim`, for the store's lifetime: a Ray-hosted store is found by its actor name, so a
+        second run of the same name and run id would otherwise write into this one."""
+        check_identity_fields(identity)
+        with self._lock:
+            if self._identity is None:
+                self._identity = dict(identity)
+            stored = self._identity
+        check_identity(
+            stored,
+            identity,
+            owner="the in-process replay store",
+            remedy="give the run another name or run id, or stop the run that holds it",
+        )
 
     def stats(self) -> ReplayStats:
         success = self.success.stats() if self.success is not None else None

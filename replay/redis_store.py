@@ -14,6 +14,7 @@ Layout under the prefix `P = <key_prefix>:<run name>` (one run per prefix, so se
     P:pc, P:pt, P:pe   HASH prompt -> correct count, samples, accuracy estimate
     P:seen:<key> dedupe marker (expires), so a writer's retry never inserts a group twice
     P:quarantine LIST of payloads that failed to decode (capped)
+    P:meta       HASH identity of the run that claimed the prefix (`claim`)
     P:success:*  PACED-RL's success buffer: the same layout, one successful response per entry
 
 Every mutation is one Lua script, so inserts, eviction and sampling are atomic. Proportional sampling is exact:
@@ -24,6 +25,9 @@ exponential backoff; scripts are re-loaded after a server restart.
 
 from __future__ import annotations
 
+import os
+import socket
+import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import cast
@@ -47,6 +51,8 @@ from replay.store import (
     Draw,
     ReplayStats,
     check_add_arguments,
+    check_identity,
+    check_identity_fields,
     decode_draw,
     initial_priorities,
     sampling_weight,
@@ -114,17 +120,26 @@ end
 """
 
 # ARGV: capacity, eviction, dedupe_ttl, n_groups, n_offered, then n_groups x (key, payload, priority, q, version),
-# then n_offered x (prompt_id, correct, samples). Returns the keys inserted and still present.
+# then n_offered x (prompt_id, correct, samples), then max_policy_lag. The i-th offered group is the i-th group (or
+# none are offered), so a duplicate's prompt is not counted twice. Returns the keys inserted and still present.
 _ADD = (
     _LUA_COMMON
     + r"""
 local capacity, eviction, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local n, m = tonumber(ARGV[4]), tonumber(ARGV[5])
 local inserted = {}
+local oldest_fresh = tonumber(redis.call('GET', P .. ':version') or '0') - tonumber(ARGV[6 + n * 5 + m * 3])
+local stale = 0
+local duplicate = {}
 for i = 0, n - 1 do
   local a = 6 + i * 5
   local key = ARGV[a]
-  if redis.call('SET', P .. ':seen:' .. key, '1', 'NX', 'EX', ttl) then
+  if not redis.call('SET', P .. ':seen:' .. key, '1', 'NX', 'EX', ttl) then
+    redis.call('HINCRBY', P .. ':stats', 'duplicates', 1)
+    duplicate[i] = true  -- a retry: its prompt was counted the first time
+  elseif tonumber(ARGV[a + 4]) < oldest_fresh then
+    stale = stale + 1  -- made by weights the learner has left behind: never inserted
+  else
     local seq = redis.call('INCR', P .. ':seq')
     redis.call('SET', P .. ':g:' .. key, ARGV[a + 1])
     redis.call('ZADD', P .. ':prio', ARGV[a + 2], key)
@@ -134,15 +149,16 @@ for i = 0, n - 1 do
     redis.call('HSET', P .. ':ns', key, 0)
     index_add(key, tonumber(ARGV[a + 3]))
     inserted[#inserted + 1] = key
-  else
-    redis.call('HINCRBY', P .. ':stats', 'duplicates', 1)
   end
 end
 redis.call('HINCRBY', P .. ':stats', 'inserted', #inserted)
+if stale > 0 then redis.call('HINCRBY', P .. ':stats', 'stale_on_arrival', stale) end
 for j = 0, m - 1 do
-  local a = 6 + n * 5 + j * 3
-  redis.call('HINCRBYFLOAT', P .. ':pc', ARGV[a], ARGV[a + 1])
-  redis.call('HINCRBY', P .. ':pt', ARGV[a], ARGV[a + 2])
+  if not duplicate[j] then
+    local a = 6 + n * 5 + j * 3
+    redis.call('HINCRBYFLOAT', P .. ':pc', ARGV[a], ARGV[a + 1])
+    redis.call('HINCRBY', P .. ':pt', ARGV[a], ARGV[a + 2])
+  end
 end
 local excess = redis.call('ZCARD', P .. ':prio') - capacity
 if excess > 0 then
@@ -255,17 +271,91 @@ return 1
 """
 )
 
+# ARGV: field, value, field, value, ... of the caller's identity. Stores it unless the prefix is claimed already;
+# returns the identity stored (the caller's on a first claim), so checking and claiming are one atomic step.
+_CLAIM = r"""
+local meta = KEYS[1] .. ':meta'
+if redis.call('EXISTS', meta) == 0 then redis.call('HSET', meta, unpack(ARGV)) end
+return redis.call('HGETALL', meta)
+"""
 
-def connect(cfg: RedisReplayConfig) -> redis.Redis:
-    """A client with password and TLS from the config that retries with exponential backoff on connection
-    errors. Credentials and reachability are checked once up front, so a wrong password or address fails at
-    once with an error naming the field instead of being retried for a minute."""
-    password = cfg.password.get_secret_value() if cfg.password is not None else None
+
+def _password(cfg: RedisReplayConfig) -> str | None:
+    """The password from its one configured source, read in the calling process (never stored resolved)."""
+    if cfg.password_env is not None:
+        value = os.environ.get(cfg.password_env)
+        if not value:
+            state = "empty" if value == "" else "not set"
+            raise ValueError(
+                f"replay.password_env: the environment variable {cfg.password_env} is {state} on "
+                f"{socket.gethostname()} (pid {os.getpid()}); set it on every node of the run"
+            )
+        return value
     if cfg.password_file is not None:
         path = Path(cfg.password_file).expanduser()
         if not path.is_file():
             raise ValueError(f"replay.password_file: {str(path)!r} does not exist")
-        password = (path.read_text().splitlines() or [""])[0].strip()
+        return (path.read_text().splitlines() or [""])[0].strip()
+    return cfg.password.get_secret_value() if cfg.password is not None else None
+
+
+def _tls_file(cfg: RedisReplayConfig, field: str) -> str | None:
+    """A TLS file of the config, checked here so that a typo is not reported as a failed handshake."""
+    value = getattr(cfg, field) if cfg.tls else None
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"replay.{field}: {str(path)!r} does not exist")
+    return str(path)
+
+
+def _root_causes(exc: BaseException) -> list[BaseException]:
+    """The exception and what it was raised from or during (redis-py re-raises socket errors as the context)."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
+def _unreachable(cfg: RedisReplayConfig, exc: redis.RedisError) -> str:
+    """Why the first command failed, naming the replay fields to look at."""
+    where = f"Redis at {cfg.host}:{cfg.port}"
+    chain = _root_causes(exc)
+    tls_error = next((e for e in chain if isinstance(e, ssl.SSLError) or "handshake" in str(e)), None)
+    if cfg.tls and tls_error is not None:
+        if isinstance(tls_error, ssl.SSLCertVerificationError):
+            signer = "the CA in replay.tls_ca_file" if cfg.tls_ca_file else "a CA this machine trusts"
+            return (
+                f"replay.tls/replay.tls_ca_file: TLS handshake with {where} failed ({tls_error}); its certificate is "
+                f"not signed by {signer}, or does not name {cfg.host}"
+            )
+        client_cert = (
+            "the server refused replay.tls_cert_file (not signed by a CA it trusts?)"
+            if cfg.tls_cert_file
+            else "if the server requires client certificates (tls-auth-clients yes), set replay.tls_cert_file and "
+            "replay.tls_key_file"
+        )
+        return (
+            f"replay.tls/replay.tls_cert_file/replay.tls_key_file: TLS handshake with {where} failed ({tls_error}); "
+            f"{client_cert}; is replay.port the server's tls-port?"
+        )
+    if not cfg.tls and any(isinstance(e, ConnectionResetError) or "closed by server" in str(e) for e in chain):
+        return (
+            f"replay.tls: {where} hung up on a plain connection ({exc}); if it serves TLS only (tls-port), set "
+            "replay.tls: true and replay.tls_ca_file"
+        )
+    return f"replay.host/replay.port: cannot reach {where} ({exc}); is redis-server running?"
+
+
+def connect(cfg: RedisReplayConfig) -> redis.Redis:
+    """A client with password and TLS from the config that retries with exponential backoff on connection
+    errors. Credentials, TLS and reachability are checked once up front, so a wrong password, certificate or
+    address fails at once with an error naming the field instead of being retried for a minute."""
+    password = _password(cfg)
+    ca_file, cert_file, key_file = (_tls_file(cfg, f) for f in ("tls_ca_file", "tls_cert_file", "tls_key_file"))
 
     def client(retry: Retry, retry_on_error: list[type[Exception]] | None = None) -> redis.Redis:
         return redis.Redis(
@@ -274,7 +364,9 @@ def connect(cfg: RedisReplayConfig) -> redis.Redis:
             db=cfg.db,
             password=password,
             ssl=cfg.tls,
-            ssl_ca_certs=str(cfg.tls_ca_file) if cfg.tls_ca_file else None,
+            ssl_ca_certs=ca_file,
+            ssl_certfile=cert_file,
+            ssl_keyfile=key_file,
             socket_timeout=30,
             socket_connect_timeout=5,
             retry=retry,
@@ -285,11 +377,10 @@ def connect(cfg: RedisReplayConfig) -> redis.Redis:
     try:
         probe.ping()
     except redis.AuthenticationError as exc:
-        raise ValueError(f"replay.password: Redis at {cfg.host}:{cfg.port} refused the credentials ({exc})") from None
-    except redis.ConnectionError as exc:
-        raise ConnectionError(
-            f"replay.host/replay.port: cannot reach Redis at {cfg.host}:{cfg.port} ({exc}); is redis-server running?"
-        ) from None
+        source = "password_env" if cfg.password_env else "password_file" if cfg.password_file else "password"
+        raise ValueError(f"replay.{source}: Redis at {cfg.host}:{cfg.port} refused the credentials ({exc})") from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise ConnectionError(_unreachable(cfg, exc)) from None
     finally:
         probe.close()
     return client(
@@ -307,6 +398,7 @@ class RedisStore:
         self._update = self.client.register_script(_UPDATE)
         self._set_version = self.client.register_script(_SET_VERSION)
         self._quarantine = self.client.register_script(_QUARANTINE)
+        self._claim = self.client.register_script(_CLAIM)
         self._seed = 0
         self.success = (
             RedisStore(success_table_config(cfg), run_name=f"{run_name}:success", client=self.client)  # type: ignore[arg-type]
@@ -316,6 +408,23 @@ class RedisStore:
 
     def _k(self, name: str) -> str:
         return f"{self.prefix}:{name}"
+
+    def claim(self, identity: Mapping[str, str]) -> None:
+        """Mark this prefix as the run's (`<prefix>:meta`), or raise ValueError if another run holds it: two runs
+        writing under one prefix would train on each other's groups. The same identity may claim again (a
+        resumed run, a second process of the run)."""
+        args = check_identity_fields(identity)
+        raw = cast(list[bytes], self._claim(keys=[self.prefix], args=args))
+        stored = {raw[i].decode(): raw[i + 1].decode() for i in range(0, len(raw), 2)}
+        where = f"Redis at {self.cfg.host}:{self.cfg.port}"
+        check_identity(
+            stored,
+            identity,
+            owner=f"the replay prefix {self.prefix} on {where}",
+            remedy=f"use another replay.key_prefix or run name, or delete those keys if that run is over "
+            f"(redis-cli -h {self.cfg.host} -p {self.cfg.port} --scan --pattern '{self.prefix}:*' | "
+            f"xargs redis-cli -h {self.cfg.host} -p {self.cfg.port} del)",
+        )
 
     def add(self, groups: Sequence[RolloutGroup], priorities: Sequence[float] | None = None) -> list[str]:
         if priorities is None:
@@ -328,7 +437,9 @@ class RedisStore:
         return keys
 
     def _add_rows(self, rows: Sequence[tuple[RolloutGroup, float]], offered: Sequence[RolloutGroup]) -> list[str]:
-        """One script call: insert `rows`, count `offered` into the prompt statistics, evict over capacity."""
+        """One script call: insert `rows`, count `offered` (the rows' own groups, or none) into the prompt statistics,
+        evict over capacity."""
+        assert not offered or len(offered) == len(rows), "offered groups are the rows' own groups"
         args: list[bytes | str | int | float] = [
             self.cfg.capacity,
             self.cfg.eviction,
@@ -341,7 +452,7 @@ class RedisStore:
             args += [group.group_id, encode_group(group), repr(float(priority)), repr(q), group.policy_version]
         for group in offered:
             args += [group.prompt_id, repr(group.num_correct), group.size]
-        present = self._add(keys=[self.prefix], args=args)
+        present = self._add(keys=[self.prefix], args=[*args, self.cfg.max_policy_lag])
         return [k.decode() for k in present]
 
     def add_encoded(self, key: str, payload: bytes, priority: float, policy_version: int) -> None:
@@ -360,6 +471,7 @@ class RedisStore:
                 repr(priority),
                 repr(q),
                 policy_version,
+                self.cfg.max_policy_lag,
             ],
         )
 

@@ -97,6 +97,9 @@ class ReplayServer:
         stats["corrupt"] += self.rejected  # payloads refused at the door count as corrupt too
         return stats
 
+    def claim(self, identity: dict[str, str]) -> None:
+        self.store.claim(identity)
+
     def keys(self) -> list[str]:
         return self.store.keys()
 
@@ -169,6 +172,9 @@ class RemoteStore:
 
     def stats(self) -> ReplayStats:
         return ReplayStats(**ray.get(self.handle.stats.remote()))
+
+    def claim(self, identity: Mapping[str, str]) -> None:
+        ray.get(self.handle.claim.remote(dict(identity)))
 
     def keys(self) -> list[str]:
         return list(ray.get(self.handle.keys.remote()))

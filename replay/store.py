@@ -55,6 +55,9 @@ class ReplayStats:
     evicted_unsampled: int = 0
     """Of the evicted groups, those no batch had drawn: generated and never trained on (the rate limiter's
     measure, rollout.max_ahead_batches)."""
+    stale_on_arrival: int = 0
+    """Groups refused at insertion because their weights were already more than max_policy_lag versions behind
+    the learner's (an actor that generates slower than the learner steps): counted here, never in `inserted`."""
     success_size: int = 0
     """Trajectories in the success buffer (0 without one)."""
     success_inserted: int = 0
@@ -62,7 +65,8 @@ class ReplayStats:
     @property
     def drawn_fraction(self) -> float:
         """Of the inserted groups whose fate is settled (drawn by a batch, or evicted before any batch drew them;
-        fresh ones still wait), the share that was drawn: 1 - this is rollout work thrown away."""
+        fresh ones still wait), the share that was drawn: 1 - this is rollout work the replay let go stale. Groups
+        already stale when they arrived are not in it (`stale_on_arrival`): no rate limit could have saved them."""
         settled = self.inserted - self.fresh
         return 1.0 if settled <= 0 else (settled - self.evicted_unsampled) / settled
 
@@ -75,6 +79,7 @@ STAT_FIELDS = (
     "evicted_stale",
     "corrupt",
     "evicted_unsampled",
+    "stale_on_arrival",
 )
 
 
@@ -103,6 +108,11 @@ class ReplayStore(Protocol):
     def prompt_stats(self, prompt_ids: Sequence[str]) -> list[PromptStats]: ...
 
     def stats(self) -> ReplayStats: ...
+
+    def claim(self, identity: Mapping[str, str]) -> None:
+        """Mark the store as the run's, or raise ValueError naming each field where the run that claimed it first
+        differs (two runs sharing a replay would train on each other's groups); the same identity may claim again."""
+        ...
 
     def __len__(self) -> int: ...
 
@@ -236,6 +246,26 @@ def decode_draw(draw: Draw, quarantine: Callable[[str], None]) -> SampledBatch:
     batch.is_weights = importance_weights(kept, draw.size)
     batch.success = [False] * len(batch.groups)
     return batch
+
+
+def check_identity_fields(identity: Mapping[str, str]) -> list[str]:
+    """A run identity as flat field, value pairs (what `RedisStore.claim` stores); an empty one claims nothing."""
+    if not identity:
+        raise ValueError("claim: the identity needs at least one field")
+    bad = [k for k, v in identity.items() if not isinstance(k, str) or not k or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"claim: identity fields and values must be strings, got {bad[0]!r}: {identity[bad[0]]!r}")
+    return [item for pair in identity.items() for item in pair]
+
+
+def check_identity(stored: Mapping[str, str], identity: Mapping[str, str], *, owner: str, remedy: str) -> None:
+    """Raise ValueError when `stored`, the identity of the run that claimed `owner` first, is not `identity`."""
+    differ = sorted(k for k in {*stored, *identity} if stored.get(k) != identity.get(k))
+    if differ:
+        values = "; ".join(
+            f"{k} is {stored.get(k, '(unset)')!r} there, {identity.get(k, '(unset)')!r} here" for k in differ
+        )
+        raise ValueError(f"{owner} is claimed by another run ({values}); {remedy}")
 
 
 def build_store(cfg: ReplayConfig, *, run_name: str = "run") -> ReplayStore:

@@ -165,7 +165,31 @@ def test_redis_secrets_are_masked_and_sources_exclusive(tmp_path: Path) -> None:
     assert cfg.replay.kind == "redis" and cfg.replay.password is not None
     assert cfg.replay.password.get_secret_value() == "hunter2"
     msg = _error([f"replay={{kind: redis, password: a, password_file: {tmp_path / 'p'}}}"])
-    assert "either password or password_file" in msg
+    assert "replay: give one of password, password_file or password_env, not password and password_file" in msg
+    msg = _error([f"replay={{kind: redis, password_file: {tmp_path / 'p'}, password_env: REDIS_PW}}"])
+    assert "not password_file and password_env" in msg
+    assert "not password and password_env" in _error(["replay={kind: redis, password: a, password_env: REDIS_PW}"])
+
+
+def test_password_env_must_name_a_variable_and_is_never_echoed() -> None:
+    """A password pasted into password_env by mistake must not be printed back in the error."""
+    for value in ("hunter 2!", "9LIVES", "a-b", ""):
+        msg = _error([f"replay={{kind: redis, password_env: '{value}'}}"])
+        assert "password_env must be the name of an environment variable" in msg
+        assert not value or value not in msg
+    cfg = load_config("tiny_cpu", ["replay={kind: redis, password_env: _PACEFLOW_REDIS_PW1}"])
+    assert cfg.replay.kind == "redis" and cfg.replay.password_env == "_PACEFLOW_REDIS_PW1"
+
+
+def test_tls_client_certificate_fields_are_checked(tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    for field in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        assert f"replay: {field} is set but tls is false" in _error([f"replay={{kind: redis, {field}: {cert}}}"])
+    for field in ("tls_cert_file", "tls_key_file"):
+        msg = _error([f"replay={{kind: redis, tls: true, {field}: {cert}}}"])
+        assert f"tls_cert_file and tls_key_file go together (a client certificate and its key); only {field}" in msg
+    cfg = load_config("tiny_cpu", [f"replay={{kind: redis, tls: true, tls_cert_file: {cert}, tls_key_file: {key}}}"])
+    assert cfg.replay.kind == "redis" and (cfg.replay.tls_cert_file, cfg.replay.tls_key_file) == (cert, key)
 
 
 def test_resolved_yaml_puts_kind_first() -> None:

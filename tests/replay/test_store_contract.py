@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import pickle
 import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
 from cluster.services import Service, free_port, start_redis
 from configs.schema import MemoryReplayConfig, RedisReplayConfig
 from replay.memory_store import MemoryStore
-from replay.records import RolloutGroup, encode_group
+from replay.records import SCHEMA_VERSION, RecordError, RolloutGroup, decode_group, encode_group
 from replay.redis_store import RedisStore
 from replay.remote import RemoteStore, start_replay_server
 from replay.store import ReplayStore, build_store
@@ -179,6 +183,21 @@ def test_stale_groups_are_evicted_by_policy_lag(make_store: Any) -> None:
     assert all(5 - g.policy_version <= 2 for g in batch.groups)
 
 
+def test_groups_stale_on_arrival_are_refused_and_counted_apart(make_store: Any) -> None:
+    """An actor far behind the learner's weights: its groups are never inserted (no batch may train on them), are
+    counted as stale on arrival rather than as inserted-then-evicted, and a retry of one is still a duplicate."""
+    store = make_store(max_policy_lag=2, fresh_fraction=1.0)
+    store.set_policy_version(10)
+    behind, at_bound, current = group("behind", version=7), group("bound", version=8), group("now", version=10)
+    assert store.add([behind, at_bound, current], [1.0] * 3) == [at_bound.group_id, current.group_id]
+    assert store.add([behind], [1.0]) == []  # the actor's retry after a lost reply
+    stats = store.stats()
+    assert (stats.stale_on_arrival, stats.inserted, stats.duplicates) == (1, 2, 1)
+    assert (stats.evicted_stale, stats.evicted_unsampled, stats.drawn_fraction) == (0, 0, 1.0)
+    assert {g.group_id for g in store.sample(3).groups} == {at_bound.group_id, current.group_id}
+    assert store.prompt_stats(["behind"])[0].num_samples == 2  # still counted for the prompt's accuracy
+
+
 def test_evictions_count_the_groups_no_batch_drew(make_store: Any) -> None:
     """The rate limiter's measure: a group evicted (stale or over capacity) before any batch drew it was generated
     for nothing; one that was drawn once is not counted again when it leaves."""
@@ -292,6 +311,75 @@ def test_a_corrupt_record_is_skipped_counted_and_quarantined(make_store: Any) ->
     assert store.stats().corrupt == 1
     assert store.keys() == [good.group_id]
     assert store.quarantined() == [b"\x93\x01\x02\x03 definitely not a group"]
+
+
+class _MkdirWhenUnpickled:
+    """Unpickling this calls os.mkdir(path): a marker proving that a payload was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.mkdir, (self.path,)
+
+
+def test_a_planted_pickle_is_quarantined_and_never_unpickled(make_store: Any, tmp_path: Path) -> None:
+    """A writer (or anyone with access to the replay) plants pickles that would run code when loaded: the reader
+    skips them, counts them as corrupt and keeps them byte for byte for inspection, and never runs them."""
+    store = make_store(fresh_fraction=1.0)
+    good = group("good")
+    store.add([good], [1.0])
+    marker = tmp_path / "unpickled"
+    protocols = (0, 2, pickle.HIGHEST_PROTOCOL)
+    planted = {f"pickle-{p}": pickle.dumps(_MkdirWhenUnpickled(str(marker)), protocol=p) for p in protocols}
+    assert all(b"mkdir" in payload for payload in planted.values())  # each one would call os.mkdir if loaded
+    for key, payload in planted.items():
+        store.add_encoded(key, payload, 1.0, 0)
+    batch = store.sample(4)
+    assert not marker.exists()
+    assert [g.group_id for g in batch.groups] == [good.group_id] and batch.skipped_corrupt == len(planted)
+    assert store.stats().corrupt == len(planted) and store.keys() == [good.group_id]
+    assert sorted(store.quarantined()) == sorted(planted.values())
+    assert not marker.exists()
+
+
+def test_a_record_of_another_schema_is_quarantined_naming_the_field(make_store: Any) -> None:
+    """Well-formed msgpack that is not a group of this schema (another version, a field missing): `decode_group`
+    names the field, and the store treats the record like any corrupt one."""
+    store = make_store(fresh_fraction=1.0)
+    good = group("good")
+    store.add([good], [1.0])
+    fields = msgpack.unpackb(encode_group(group("foreign")))
+    foreign = {
+        "v": msgpack.packb({**fields, "v": SCHEMA_VERSION + 1}),
+        "rtok": msgpack.packb({k: v for k, v in fields.items() if k != "rtok"}),
+        "gid": msgpack.packb({k: v for k, v in fields.items() if k != "gid"}),
+    }
+    assert decode_group(msgpack.packb(fields)).prompt_id == "foreign"  # the intact record is valid
+    for name, payload in foreign.items():
+        with pytest.raises(RecordError, match=f"^{name}: ") as caught:
+            decode_group(payload)
+        assert caught.value.field == name
+        store.add_encoded(f"foreign-{name}", payload, 1.0, 0)
+    batch = store.sample(4)
+    assert [g.group_id for g in batch.groups] == [good.group_id] and batch.skipped_corrupt == len(foreign)
+    assert store.stats().corrupt == len(foreign) and store.keys() == [good.group_id]
+    assert sorted(store.quarantined()) == sorted(foreign.values())
+
+
+def test_a_store_is_claimed_by_one_run_identity(make_store: Any) -> None:
+    """A second run that finds this replay (the same Redis prefix, or the same named Ray actor) is refused with
+    every differing field named, both values given; the run itself may claim again."""
+    store = make_store()
+    identity = {"run": "exp-1", "run_dir": "/runs/exp", "objective": "paced"}
+    store.claim(identity)
+    store.claim(dict(identity))
+    with pytest.raises(ValueError, match="is claimed by another run") as caught:
+        store.claim({**identity, "run_dir": "/elsewhere", "objective": "grpo"})
+    assert "objective is 'paced' there, 'grpo' here" in str(caught.value)
+    assert "run_dir is '/runs/exp' there, '/elsewhere' here" in str(caught.value)
+    assert "run is 'exp-1'" not in str(caught.value)
+    store.claim(identity)  # the refused claim changed nothing
 
 
 def test_bad_arguments_are_clear_errors(make_store: Any) -> None:
