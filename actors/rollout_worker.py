@@ -33,7 +33,7 @@ from actors.tasks import Prompt, build_task, encode_prompt
 from actors.weight_client import BroadcastClient
 from configs.schema import RolloutWorkerSpec, RunConfig
 from replay.handshake import wait_for_room, wait_for_turn
-from replay.records import RolloutGroup, WeightVersion
+from replay.records import RecordError, RolloutGroup, WeightVersion
 from replay.store import ReplayStore, connect_store, split_batch
 from replay.weight_broadcast import is_broadcast_uri
 from replay.weight_store import VersionReplaced, load_published
@@ -61,6 +61,9 @@ class WorkerCounters:
     tokens: int = 0
     truncated: int = 0
     prompts_too_long: int = 0
+    invalid_groups: int = 0
+    """Groups dropped because they failed the record's validation (a NaN or positive log-prob from the engine)."""
+    last_invalid: str = ""
     reward_errors: int = 0
     reward_timeouts: int = 0
     reward_last_error: str = ""
@@ -96,7 +99,7 @@ class RolloutWorker:
         self.prompts: dict[str, Prompt] = {p.prompt_id: p for p in self.task.train}
         self.engine: Engine = build_engine(self.cfg.engine, self.model_dir, dtype=spec.dtype, seed=seed)
         self.tokenizer = self.engine.tokenizer
-        self.rewards = RewardScorer(self.task, timeout_s=self.cfg.reward_timeout_s)
+        self.rewards = RewardScorer.for_task(self.task, spec.task, self.cfg)
         self.base = BaseModelScorer(self.model_dir) if spec.need_base_logprobs else None
         self.counters = WorkerCounters()
         self._token_cache: dict[str, list[int]] = {}
@@ -166,8 +169,8 @@ class RolloutWorker:
         for (prompt, how, ids), samples in zip(kept, outputs, strict=True):
             scores = self.rewards.score(prompt, [s.text for s in samples])
             responses = [s.token_ids for s in samples]
-            groups.append(
-                RolloutGroup.new(
+            try:
+                group = RolloutGroup.new(
                     prompt_id=prompt.prompt_id,
                     prompt_token_ids=ids,
                     responses=responses,
@@ -180,7 +183,12 @@ class RolloutWorker:
                     base_logprobs=self.base.score(ids, responses) if self.base is not None else None,
                     selection=how,
                 )
-            )
+            except RecordError as exc:  # e.g. a NaN log-prob from the engine: drop this group, keep the actor
+                self.counters.invalid_groups += 1
+                self.counters.last_invalid = f"prompt {prompt.prompt_id}: {exc}"
+                log.warning("%s dropped a group it could not record: %s", self.actor_id, self.counters.last_invalid)
+                continue
+            groups.append(group)
             self.counters.responses += len(samples)
             self.counters.tokens += sum(len(r) for r in responses)
             self.counters.truncated += sum(s.finish_reason == "length" for s in samples)

@@ -388,6 +388,33 @@ def encode_prompts(model_dir: Path, prompts: Sequence[Prompt], cfg: TokenizerCon
     return {p.prompt_id: encode_prompt(tokenizer, p.text, cfg) for p in prompts}
 
 
+def drop_long_prompts(task: Task, model_dir: Path, cfg: TokenizerConfig) -> int:
+    """Leave out of the training split the prompts longer than tokenizer.max_prompt_tokens once encoded (an actor
+    would lease them and skip them, step after step), with a warning in `task.warnings` that counts them and shows
+    the first few; returns how many. No prompt left is an error naming the setting."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    limit = cfg.max_prompt_tokens
+    lengths = {p.prompt_id: len(encode_prompt(tokenizer, p.text, cfg)) for p in task.train}
+    long = [p for p in task.train if lengths[p.prompt_id] > limit]
+    if not long:
+        return 0
+    task.train = [p for p in task.train if lengths[p.prompt_id] <= limit]
+    shown = "; ".join(f"{p.prompt_id} ({lengths[p.prompt_id]} tokens: {p.text[:40]!r}...)" for p in long[:3])
+    if not task.train:
+        raise TaskDataError(
+            f"tokenizer.max_prompt_tokens={limit}: every one of the {len(long)} training prompts of {task.name} is "
+            f"longer once encoded (shortest: {min(lengths.values())} tokens); raise it (and the engine's "
+            "max_model_len) or use shorter prompts"
+        )
+    task.warnings.append(
+        f"{len(long)} of {len(long) + len(task.train)} training prompts are longer than tokenizer.max_prompt_tokens="
+        f"{limit} tokens once encoded and are left out, e.g. {shown}"
+    )
+    return len(long)
+
+
 def format_prompt(tokenizer: Any, text: str, *, chat_template: str = "auto", system_prompt: str | None = None) -> str:
     """The string the engine sees: the tokenizer's chat template around the prompt when it has one."""
     if chat_template == "auto" and getattr(tokenizer, "chat_template", None):

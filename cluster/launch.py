@@ -25,7 +25,7 @@ from rich.table import Table
 
 from actors.rollout_worker import start_rollout_actor
 from actors.scheduler import start_scheduler_server
-from actors.tasks import Prompt, build_task, encode_prompts
+from actors.tasks import Prompt, build_task, drop_long_prompts, encode_prompts
 from cluster.control import start_control
 from cluster.evaluate import estimates_to_json, pick_engine, results_from_json, start_evaluator, summarize
 from cluster.metrics import MetricsServer, Poller, RunMetrics
@@ -72,7 +72,10 @@ def train(
     with console.status("Preparing the model and the task..."):
         model_dir = resolve_model_dir(cfg.model)
         task = build_task(cfg.task)
+        drop_long_prompts(task, model_dir, cfg.tokenizer)
     console.print(f"task {task.name}: {len(task.train)} training / {len(task.eval)} held-out prompts")
+    if task.skipped_rows:
+        console.print(f"[yellow]warning[/] skipped {task.skipped_rows} malformed rows: {'; '.join(task.skip_reasons)}")
     for note in task.warnings:
         console.print(f"[yellow]warning[/] {note}")
     with console.status("Starting Ray, the replay, the learner, the rollout actors and the evaluator..."):

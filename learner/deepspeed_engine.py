@@ -95,6 +95,12 @@ class PolicyEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else fallback
 
+    def discard_gradients(self) -> None:
+        """Drop the accumulated gradients without an update (a batch whose loss was not finite)."""
+        self.engine.zero_grad()
+        if self.engine.zero_optimization_stage() > 0:  # ZeRO keeps its own partitioned gradient buffers
+            self.engine.optimizer.zero_grad()
+
     def full_state_dict(self, *, on_cpu: bool = True) -> dict[str, Tensor]:
         """The whole policy, gathered from ZeRO-3 shards when needed; on CPU unless `on_cpu` is False (a GPU
         broadcast sends from the device)."""

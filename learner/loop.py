@@ -14,6 +14,7 @@ reported every step, with PACED-RL's calibration of a(x) against the accuracy of
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -33,7 +34,7 @@ from learner.checkpoint import io_errors_as_os_errors, load_state, save_state
 from learner.deepspeed_engine import PolicyEngine
 from learner.log_partition import LogZHead, ZPhi, accuracy_estimate, measured_offset, power_offset
 from learner.logprobs import token_logprobs
-from learner.objectives import ObjectiveInputs, compute_objective, tb_log_reward
+from learner.objectives import NonFiniteLossError, ObjectiveInputs, compute_objective, tb_log_reward
 from learner.weights import WeightSlots, announcement, publish_weights
 from replay.handshake import wait_for_batch
 from replay.priority import estimate_error
@@ -43,6 +44,9 @@ from replay.weight_broadcast import WeightSender, broadcast_uri
 from replay.weight_store import ship
 
 log = logging.getLogger(__name__)
+
+MAX_NONFINITE_IN_A_ROW = 5
+"""A single non-finite batch is skipped; this many in a row mean the policy diverged, and the run stops."""
 
 # PACED-RL embeds the training prompts once with the frozen reference model: this many before the first step
 # (their statistics standardise Z_phi's inputs), the rest this many per step, so a large dataset costs no
@@ -133,6 +137,9 @@ class Learner:
             lr = cfg.objective.log_z_lr  # type: ignore[union-attr]
             self.log_z_opt = torch.optim.AdamW(self.log_z.parameters(), lr=lr, weight_decay=0.0)
         self.step_count = 0
+        self.nonfinite_steps = 0
+        """Steps whose loss was not finite: counted, their update skipped."""
+        self._nonfinite_in_a_row = 0
         self.version = 0
         self._probe: tuple[list[int], list[int]] | None = None
         self._slots: WeightSlots | None = None
@@ -178,15 +185,35 @@ class Learner:
         if self.step_count == 0:
             self._calibrate_log_z(batch)
         outcomes = self._outcomes(batch)  # before the update: the estimates the scheduler picked prompts with
-        metrics, deltas = self._accumulate(batch)
-        grad_norm = self.engine.step()
+        try:
+            metrics, deltas = self._accumulate(batch)
+            finite, why = True, ""
+        except NonFiniteLossError as exc:  # names the samples; earlier micro-batches' gradients are dropped below
+            metrics, deltas, finite, why = {"loss": math.nan}, torch.empty(0), False, str(exc)
+        if finite:
+            grad_norm = self.engine.step()
+            if self.log_z_opt is not None:
+                torch.nn.utils.clip_grad_norm_(self.log_z.parameters(), self.cfg.learner.grad_clip)  # type: ignore[union-attr]
+                self.log_z_opt.step()
+            self._nonfinite_in_a_row = 0
+        else:  # one bad batch must not write NaN into every weight, log Z and priority, nor end a days-long run
+            self.engine.discard_gradients()
+            self.nonfinite_steps += 1
+            self._nonfinite_in_a_row += 1
+            grad_norm = math.nan
+            if self._nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise NonFiniteLossError(
+                    f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss: the policy itself has likely "
+                    f"diverged (lower learner.lr, check learner.dtype); the last: {why}"
+                )
+            log.warning("step %d: no update, gradients dropped: %s", self.step_count + 1, why or "non-finite loss")
         if self.log_z_opt is not None:
-            torch.nn.utils.clip_grad_norm_(self.log_z.parameters(), self.cfg.learner.grad_clip)  # type: ignore[union-attr]
-            self.log_z_opt.step()
             self.log_z_opt.zero_grad(set_to_none=True)
         self.step_count += 1
         metrics.update(self._batch_metrics(batch, outcomes))
-        self._write_back(batch, deltas)
+        metrics["nonfinite_steps"] = float(self.nonfinite_steps)
+        if finite:
+            self._write_back(batch, deltas)
         compute_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -453,6 +480,7 @@ class Learner:
         zero_stage = self.engine.engine.zero_optimization_stage()
         state: dict[str, Any] = {
             "step": self.step_count,
+            "nonfinite_steps": self.nonfinite_steps,
             "version": self.version,
             "probe": list(self._probe) if self._probe else None,
             # ZeRO 1-3 partition the optimizer state into structures that only DeepSpeed's pickle-based checkpoint
@@ -495,6 +523,7 @@ class Learner:
         self._embeddings = {pid: e.to(self.device) for pid, e in (state.get("embeddings") or {}).items()}
         self._recent_accuracy.extend([float(a) for a in step] for step in state.get("recent_accuracy", []))
         self.step_count, self.version = int(state["step"]), int(state["version"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))  # absent in checkpoints before it was counted
         self._probe = (list(state["probe"][0]), list(state["probe"][1])) if state["probe"] else None
 
     def save_pretrained(self, directory: Path) -> None:

@@ -80,6 +80,25 @@ def test_a_step_streams_scored_groups_into_the_store(tiny_model_dir: Path) -> No
     assert all(s.num_samples == 2 for s in store.prompt_stats([g.prompt_id for g in batch.groups]))
 
 
+def test_a_group_with_a_nan_logprob_is_dropped_and_counted_not_fatal(tiny_model_dir: Path) -> None:
+    """Fault injection on the real engine's output: one response of the first prompt gets a NaN log-prob. Its
+    group fails the record's validation and is dropped and counted; the other groups of the step go in."""
+    cfg = _cfg()
+    store = MemoryStore(cfg.replay)
+    worker = _worker(cfg, tiny_model_dir, store)
+    generate = worker.engine.generate
+
+    def corrupted(prompts: list[list[int]], sampling: Any, *, seed: int) -> Any:
+        out = generate(prompts, sampling, seed=seed)
+        out[0][1].logprobs[0] = float("nan")
+        return out
+
+    worker.engine.generate = corrupted  # type: ignore[method-assign]
+    assert worker.step() == 2 and len(store) == 2
+    assert worker.counters.invalid_groups == 1 and "behaviour_logprobs" in worker.counters.last_invalid
+    assert worker.step() == 2  # and the actor goes on
+
+
 def test_the_rate_limit_pauses_the_loop_until_the_learner_draws(tiny_model_dir: Path) -> None:
     """rollout.max_ahead_batches: the loop stops generating while the replay holds that many learner batches of
     undrawn groups, and generates again once a batch takes them."""

@@ -14,12 +14,13 @@ from actors.tasks import (
     TaskDataError,
     Verdict,
     build_task,
+    drop_long_prompts,
     extract_answer,
     format_prompt,
     math_equal,
 )
 from cluster.models import build_char_tokenizer
-from configs.schema import CreativeTaskConfig, GSM8KTaskConfig, JsonlTaskConfig, ReasoningGymTaskConfig
+from configs.schema import CreativeTaskConfig, GSM8KTaskConfig, JsonlTaskConfig, ReasoningGymTaskConfig, TokenizerConfig
 
 CHAIN_SUM = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 
@@ -200,6 +201,20 @@ def test_jsonl_split_is_stable_when_rows_are_reordered(tmp_path: Path) -> None:
 def test_jsonl_with_no_valid_rows_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(TaskDataError, match="no valid rows"):
         build_task(JsonlTaskConfig(path=_write_jsonl(tmp_path / "x.jsonl", ["{bad", {"x": 1}])))
+
+
+def test_prompts_longer_than_the_limit_are_left_out_counted_and_shown(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rows: list[object] = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(12)]
+    rows += [{"prompt": "Add these: " + " + ".join(["1"] * (200 + i)), "answer": str(200 + i)} for i in range(4)]
+    task = build_task(JsonlTaskConfig(path=_write_jsonl(tmp_path / "long.jsonl", rows), eval_size=2))
+    long_in_train = sum("Add these" in p.text for p in task.train)
+    assert long_in_train > 0
+    assert drop_long_prompts(task, tiny_model_dir, TokenizerConfig(max_prompt_tokens=64)) == long_in_train
+    assert not [p for p in task.train if "Add these" in p.text]
+    assert f"{long_in_train} of " in task.warnings[-1] and "tokenizer.max_prompt_tokens=64" in task.warnings[-1]
+    assert "Add these" in task.warnings[-1]  # the first few are shown, so the user can find them
+    with pytest.raises(TaskDataError, match=r"tokenizer\.max_prompt_tokens=8: every one of the"):
+        drop_long_prompts(task, tiny_model_dir, TokenizerConfig(max_prompt_tokens=8))
 
 
 # --------------------------------------------------------------------------------------------- creative

@@ -3,6 +3,7 @@ that restore the exact training state (ZeRO stage 0) or the weights and counters
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from configs.load import load_config
 from configs.schema import RunConfig
 from learner.log_partition import LogZHead
 from learner.loop import Learner
+from learner.objectives import NonFiniteLossError
 from replay.memory_store import MemoryStore
 from replay.records import RolloutGroup
 from tests.conftest import MODEL_CACHE
@@ -178,3 +180,36 @@ def test_powerflow_measures_its_log_z_offset_on_the_first_batch(tiny_model_dir: 
     assert isinstance(resumed.log_z, LogZHead) and float(resumed.log_z.offset) == pytest.approx(offset)
     resumed.step()
     assert float(resumed.log_z.offset) == pytest.approx(offset)  # not measured again on a resumed run
+
+
+def test_a_step_whose_loss_is_not_finite_changes_nothing_and_is_counted(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """An overflow in the learner's own forward (planted here as one inf weight) makes the loss NaN: that step updates
+    no other weight, no log Z and no priority, says so in its metrics, and the next finite step trains as usual."""
+    cfg = _cfg(0)
+    store = _filled_store(cfg)
+    learner = Learner(cfg.learner_spec(), tiny_model_dir, store, weights_root=tmp_path / "w")
+    assert learner.step() is not None
+    weights = {k: v.clone() for k, v in learner.engine.module.state_dict().items()}
+    log_z = {k: v.clone() for k, v in learner.log_z.state_dict().items()}  # type: ignore[union-attr]
+    priorities = dict(zip(store.keys(), store._priority.tolist(), strict=False))
+    planted = next(p for name, p in learner.engine.module.named_parameters() if "layers.0" in name and p.dim() == 2)
+    with torch.no_grad():
+        saved, planted[0, 0] = planted[0, 0].item(), float("inf")
+    result = learner.step()
+    assert result is not None and not math.isfinite(result.loss)  # refused by the objective, naming the samples
+    assert result.metrics["nonfinite_steps"] == 1 and math.isnan(result.grad_norm)
+    with torch.no_grad():
+        planted[0, 0] = saved
+    after = learner.engine.module.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
+    assert all(torch.equal(learner.log_z.state_dict()[k], v) for k, v in log_z.items())  # type: ignore[union-attr]
+    assert dict(zip(store.keys(), store._priority.tolist(), strict=False)) == priorities
+    healthy = learner.step()
+    assert healthy is not None and math.isfinite(healthy.loss) and healthy.metrics["nonfinite_steps"] == 1
+    assert not all(torch.equal(learner.engine.module.state_dict()[k], v) for k, v in weights.items())
+    with torch.no_grad():
+        planted[0, 0] = float("inf")  # a policy that stays broken: after 5 such steps in a row, the run stops
+    for _ in range(4):
+        learner.step()
+    with pytest.raises(NonFiniteLossError, match="5 steps in a row had a non-finite loss"):
+        learner.step()
