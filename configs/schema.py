@@ -273,6 +273,15 @@ class RolloutConfig(Section):
     and learner take turns)."""
     reward_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
     """A verifier slower than this yields an invalid-reward marker instead of hanging the actor."""
+    verifier_isolation: Literal["subprocess", "thread"] = "subprocess"
+    """Where verifiers read model output. 'subprocess': in one child process per actor under a memory limit
+    (verifier_memory_mb), killed and replaced when an answer overruns reward_timeout_s, so an adversarial answer
+    (math-verify on \\boxed{9^{9^{9^{9}}}} never finishes off the main thread and holds the GIL) cannot stall or
+    take down the actor. 'thread': on a thread pool inside the actor (a hung verifier can only be abandoned)."""
+    verifier_memory_mb: int = Field(2048, ge=512, le=1 << 20)
+    """Address-space limit (RLIMIT_AS) of the verifier process, in MiB; a verifier that needs more meets a
+    MemoryError and the response an invalid reward. The process itself takes ~95 MB (GSM8K) to ~225 MB
+    (reasoning-gym). Used with verifier_isolation='subprocess'."""
 
 
 # --------------------------------------------------------------------------------------------------- objectives
@@ -439,8 +448,8 @@ class RedisReplayConfig(_ReplayCommon):
     """File holding the password on its first line (read by each process when it connects)."""
     password_env: str | None = None
     """Name of the environment variable holding the password: the recommended source, since secrets come from
-    environment variables. Only the name is in the config; each process reads the variable when it connects, so
-    it must be set on every node (in the environment of `ray start`, or through Ray's runtime_env env_vars)."""
+    environment variables. Only the name is in the config; `paceflow train` reads the variable once where it runs
+    and hands the password to the run's workers in memory, so it need only be set in the driver's environment."""
     tls: bool = False
     """Connect with TLS (to the server's tls-port)."""
     tls_ca_file: Path | None = None

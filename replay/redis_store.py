@@ -61,7 +61,11 @@ from replay.store import (
     success_table_config,
 )
 
-DEDUPE_TTL_S = 24 * 3600
+DEDUPE_TTL_S = 3600
+"""How long a group id is remembered so a writer's retry never inserts it twice. A retry comes within the client's
+backoff (about a minute); later than an hour, the group is far beyond any policy-lag bound and is refused as stale
+on arrival anyway. The markers cost ~160 bytes per group, so memory stays bounded by rate x this, not by the run's
+length."""
 QUARANTINE_MAX = 1000
 
 _LUA_COMMON = r"""
