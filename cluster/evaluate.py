@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from actors.engines.base import Engine
-from actors.tasks import Prompt, Task, encode_prompt
+from actors.scoring import RewardScorer
+from actors.tasks import Prompt, encode_prompt
 from actors.weight_client import BroadcastClient
 from cluster.semantic import SentenceEncoder
 from configs.schema import RunConfig, SamplingConfig
@@ -183,24 +184,24 @@ def eval_sampling(cfg: RunConfig, num_samples: int | None = None, temperature: f
 def generate_and_score(
     engine: Engine,
     tokenizer: Any,
-    task: Task,
+    rewards: RewardScorer,
     prompts: Sequence[Prompt],
     cfg: RunConfig,
     sampling: SamplingConfig,
     encoder: SentenceEncoder | None = None,
 ) -> list[PromptResult]:
-    """Sample `sampling.num_samples` responses per prompt with the engine's current weights and score them (and,
-    given an encoder, measure their semantic diversity and relevance)."""
+    """Sample `sampling.num_samples` responses per prompt with the engine's current weights and score them as the
+    rollout actors do (and, given an encoder, measure their semantic diversity and relevance)."""
     ids = [encode_prompt(tokenizer, p.text, cfg.tokenizer) for p in prompts]
     groups = engine.generate(ids, sampling, seed=cfg.seed)
     results = []
     for prompt, samples in zip(prompts, groups, strict=True):
-        verdicts = [task.score(prompt, s.text) for s in samples]
+        scores = rewards.score(prompt, [s.text for s in samples])
         results.append(
             PromptResult(
                 prompt_id=prompt.prompt_id,
-                rewards=[math.nan if v.reward is None else float(v.reward) for v in verdicts],
-                answers=[v.parsed for v in verdicts],
+                rewards=scores.rewards,
+                answers=scores.parsed,
                 texts=[s.text for s in samples],
                 tokens=[len(s.token_ids) for s in samples],
                 semantic=encoder.metrics(prompt.text, [s.text for s in samples]) if encoder else {},
@@ -273,6 +274,7 @@ class Evaluator:
         self._weights = BroadcastClient(f"{self.cfg.replay_namespace}-evaluator", self.cfg.cluster.namespace)
         # Without a verifier there is no accuracy to report: diversity and a quality proxy are what matter.
         self.encoder = SentenceEncoder() if self.task.verifier is None else None
+        self.rewards = RewardScorer.for_task(self.task, self.cfg.task, self.cfg.rollout)
 
     def evaluate(
         self,
@@ -297,10 +299,13 @@ class Evaluator:
             self.loaded = target
         prompts = self.task.eval[:num_prompts]
         sampling = eval_sampling(self.cfg, num_samples, temperature)
-        results = generate_and_score(self.engine, self.tokenizer, self.task, prompts, self.cfg, sampling, self.encoder)
+        results = generate_and_score(
+            self.engine, self.tokenizer, self.rewards, prompts, self.cfg, sampling, self.encoder
+        )
         return results_to_json(results)
 
     def close(self) -> None:
+        self.rewards.close()
         self.engine.close()
 
 
