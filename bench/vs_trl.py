@@ -86,9 +86,8 @@ def run_paceflow(
     per_step = cfg.batch_plan[0] * cfg.rollout.sampling.num_samples
     ends = [float(s["elapsed_s"]) for s in summary.steps]
     name, accuracy = accuracy_metric(summary.evals[-1]["metrics"])
-    row = _row(f"paceflow-{objective}{label}", ends, per_step, None, accuracy, name, str(summary.run_dir))
-    row["rollouts_trained"] = int(summary.steps[-1]["rollouts"])  # generated, fresh: the budget that was spent
-    return row
+    generated = int(summary.steps[-1]["rollouts"])  # fresh responses generated: the budget that was spent
+    return _row(f"paceflow-{objective}{label}", ends, per_step, None, accuracy, name, str(summary.run_dir), generated)
 
 
 def run_trl(config: str, rollouts: int, out: Path, log: Path, base: list[str], *, bf16: bool) -> dict[str, Any]:
@@ -139,15 +138,24 @@ def evaluate(config: str, base: list[str], model: Path, json_path: Path, log: Pa
 
 
 def _row(
-    system: str, step_ends: list[float], per_step: int, wall: float | None, acc: dict[str, Any], name: str, where: str
+    system: str,
+    step_ends: list[float],
+    per_step: int,
+    wall: float | None,
+    acc: dict[str, Any],
+    name: str,
+    where: str,
+    generated: int | None = None,
 ) -> dict[str, Any]:
+    """One system's JSON row; `generated`: the responses it generated when that differs from those it trained on
+    (PACED-RL replays successes), else steps x per_step."""
     steps = len(step_ends)
     steady = (step_ends[-1] - step_ends[0]) if steps > 1 else math.nan
     rate = (steps - 1) * per_step / steady if steps > 1 and steady > 0 else math.nan
     return {
         "system": system,
         "steps": steps,
-        "rollouts_trained": steps * per_step,
+        "rollouts_trained": steps * per_step if generated is None else generated,
         "completions_per_s": rate,
         "s_per_100_rollouts": 100 / rate if rate == rate and rate > 0 else math.nan,
         "wall_s": wall,

@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from actors.tasks import build_task
 from cluster.console import third_party_output_to
 from cluster.eval_command import resolve_weights
 from cluster.evaluate import Estimate, Evaluator, PromptResult, paired_difference, results_from_json, summarize
@@ -55,7 +56,7 @@ def run_pareto(
 ) -> list[Point]:
     """Evaluate 'base' and every run at every temperature on the same held-out prompts (one engine, weights
     swapped between models), then write the table, the JSON and the figure."""
-    if cfg.task.kind != "creative":
+    if build_task(cfg.task).verifier is not None:  # the evaluator's own rule for diversity and relevance metrics
         raise ConfigError(f"task.kind: pareto needs a task without a verifier ('creative'), got {cfg.task.kind!r}")
     if not temperatures or any(t <= 0 for t in temperatures):
         raise ConfigError(f"--temperatures: got {list(temperatures)} (positive numbers, e.g. 0.7,1.0,1.3)")

@@ -246,8 +246,16 @@ class MemoryStore:
             n = len(self._keys)
             if n == 0:
                 return Draw.empty()
+            # Last chance first: fresh groups the next weight version would evict as stale are drawn now, even
+            # beyond the batch's fresh share, rather than generated for nothing.
+            oldest_kept = self._version_now - self.cfg.max_policy_lag
+            last = [k for k in self._fresh if self._version[self._row[k]] <= oldest_kept][: n_fresh + n_prio]
+            n_prio -= max(0, len(last) - n_fresh)
+            n_fresh = max(n_fresh, len(last))
             in_order = iter(self._fresh) if self.cfg.fresh_order == "oldest" else reversed(self._fresh)
-            fresh_rows = [self._row[k] for k in itertools.islice(in_order, n_fresh)]
+            chosen = set(last)
+            rest = (k for k in in_order if k not in chosen)
+            fresh_rows = [self._row[k] for k in [*last, *itertools.islice(rest, n_fresh - len(last))]]
             n_prio += n_fresh - len(fresh_rows)  # not enough fresh groups: draw the rest by priority
             prio_rows: list[int] = []
             probabilities = [1.0] * len(fresh_rows)

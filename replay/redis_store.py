@@ -191,8 +191,32 @@ local fresh_range = ARGV[5] == 'oldest' and 'ZRANGE' or 'ZREVRANGE'
 math.randomseed(seed)
 evict_stale(max_lag)
 if redis.call('ZCARD', P .. ':prio') == 0 then return {} end
-local chosen = {}
-if n_fresh > 0 then chosen = redis.call(fresh_range, P .. ':fresh', 0, n_fresh - 1) end
+-- Last chance first: fresh groups the next weight version would evict as stale are drawn now, even beyond the
+-- batch's fresh share, rather than generated for nothing (oldest first; older versions are evicted already).
+local v = tonumber(redis.call('GET', P .. ':version') or '0')
+local chosen, taken, last = {}, {}, {}
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', P .. ':ver', '-inf', v - max_lag)) do
+  local seq = redis.call('ZSCORE', P .. ':fresh', key)
+  if seq then last[#last + 1] = {tonumber(seq), key} end
+end
+table.sort(last, function(a, b) return a[1] < b[1] end)
+for i = 1, math.min(#last, n_fresh + n_prio) do
+  chosen[i] = last[i][2]
+  taken[last[i][2]] = true
+end
+if #chosen > n_fresh then
+  n_prio = n_prio - (#chosen - n_fresh)
+  n_fresh = #chosen
+end
+if n_fresh > #chosen then
+  local want = n_fresh - #chosen
+  for _, key in ipairs(redis.call(fresh_range, P .. ':fresh', 0, want + #chosen - 1)) do
+    if want > 0 and not taken[key] then
+      chosen[#chosen + 1] = key
+      want = want - 1
+    end
+  end
+end
 local n_chosen_fresh = #chosen
 n_prio = n_prio + n_fresh - n_chosen_fresh
 local buckets, weights, total = {}, {}, 0

@@ -183,6 +183,25 @@ def test_stale_groups_are_evicted_by_policy_lag(make_store: Any) -> None:
     assert all(5 - g.policy_version <= 2 for g in batch.groups)
 
 
+def test_fresh_groups_on_their_last_version_are_drawn_before_they_go_stale(make_store: Any) -> None:
+    """Groups the next weight version would evict undrawn are drawn first, beyond the batch's fresh share if need
+    be (the rest of the fresh queue waits its turn): generated rollouts are trained on, not thrown away."""
+    store = make_store(max_policy_lag=2, fresh_fraction=0.5)
+    store.set_policy_version(4)
+    young = [group(f"young{i}", version=4) for i in range(3)]  # inserted first: the head of the fresh queue
+    old = [group(f"old{i}", version=2) for i in range(3)]  # stale at version 5
+    store.add(young + old, [1.0] * 6)
+    batch = store.sample(4, seed=0)
+    assert sum(batch.fresh) == 3 and {g.group_id for g, f in zip(batch.groups, batch.fresh, strict=True) if f} == {
+        g.group_id for g in old
+    }
+    store.set_policy_version(5)
+    stats = store.stats()
+    assert (stats.evicted_stale, stats.evicted_unsampled) == (3, 0)
+    batch = store.sample(2, seed=1)  # nothing at risk now: the usual fresh share, oldest first
+    assert batch.fresh == [True, False] and batch.groups[0].group_id == young[0].group_id
+
+
 def test_groups_stale_on_arrival_are_refused_and_counted_apart(make_store: Any) -> None:
     """An actor far behind the learner's weights: its groups are never inserted (no batch may train on them), are
     counted as stale on arrival rather than as inserted-then-evicted, and a retry of one is still a duplicate."""
