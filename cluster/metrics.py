@@ -197,6 +197,11 @@ class RunMetrics:
             s["evicted_unsampled"],
         )
         yield self._counter(
+            "paceflow_replay_late_evicted_groups",
+            "Groups evicted stale before any draw could see them: generated in over replay.max_policy_lag steps",
+            s.get("evicted_late", 0),
+        )
+        yield self._counter(
             "paceflow_replay_stale_on_arrival_groups",
             "Groups refused on arrival: made by weights over replay.max_policy_lag versions old",
             s.get("stale_on_arrival", 0),

@@ -61,6 +61,7 @@ class MemoryStore:
         self._times_sampled = np.zeros(cap, dtype=np.int64)
         self._weight = np.zeros(cap)  # sampling_weight(priority): kept per row, so a draw never recomputes it
         self._fresh: dict[str, None] = {}  # never-sampled keys, oldest first (insertion order = seq order)
+        self._offered: set[str] = set()  # fresh keys a draw saw on their last valid version (see _evict_stale)
         self._next_seq = 0
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._version_now = 0
@@ -164,6 +165,7 @@ class MemoryStore:
             del self._row[key]
             del self._payloads[key]
             self._fresh.pop(key, None)
+            self._offered.discard(key)
 
     def _evict_over_capacity(self) -> None:
         excess = len(self._keys) - self.cfg.capacity
@@ -182,6 +184,8 @@ class MemoryStore:
         stale = np.nonzero(self._version_now - self._version[:n] > self.cfg.max_policy_lag)[0]
         if len(stale):
             self._count_unsampled(stale)
+            late = [r for r in stale.tolist() if self._times_sampled[r] == 0 and self._keys[r] not in self._offered]
+            self._counts["evicted_late"] += len(late)
             self._remove_rows(stale.tolist())
             self._counts["evicted_stale"] += len(stale)
 
@@ -249,7 +253,9 @@ class MemoryStore:
             # Last chance first: fresh groups the next weight version would evict as stale are drawn now, even
             # beyond the batch's fresh share, rather than generated for nothing.
             oldest_kept = self._version_now - self.cfg.max_policy_lag
-            last = [k for k in self._fresh if self._version[self._row[k]] <= oldest_kept][: n_fresh + n_prio]
+            at_risk = [k for k in self._fresh if self._version[self._row[k]] <= oldest_kept]
+            self._offered.update(at_risk)
+            last = at_risk[: n_fresh + n_prio]
             n_prio -= max(0, len(last) - n_fresh)
             n_fresh = max(n_fresh, len(last))
             in_order = iter(self._fresh) if self.cfg.fresh_order == "oldest" else reversed(self._fresh)

@@ -10,6 +10,7 @@ Layout under the prefix `P = <key_prefix>:<run name>` (one run per prefix, so se
     P:q, P:qb    HASH key -> sampling weight q = max(priority, 1e-6)^a, and its bucket b = ceil(log2 q)
     P:b:<b>      SET of keys whose q lies in (2^(b-1), 2^b];  P:bc  HASH b -> count;  P:qsum  sum of q
     P:ns         HASH key -> times sampled;     P:stats  HASH counters;   P:version  learner's weight version
+    P:offered    SET of fresh keys a draw saw on their last valid version (the rest of the stale ones came too late)
     P:weights    the latest WeightVersion announcement (msgpack)
     P:pc, P:pt, P:pe   HASH prompt -> correct count, samples, accuracy estimate
     P:seen:<key> dedupe marker (expires), so a writer's retry never inserts a group twice
@@ -106,6 +107,7 @@ local function remove(key)
   redis.call('ZREM', P .. ':ver', key)
   redis.call('ZREM', P .. ':fresh', key)
   redis.call('HDEL', P .. ':ns', key)
+  redis.call('SREM', P .. ':offered', key)
 end
 local function count_unsampled(keys)  -- evicted before any batch drew them: generated, never trained on
   local n = 0
@@ -118,6 +120,13 @@ local function evict_stale(max_lag)
   local v = tonumber(redis.call('GET', P .. ':version') or '0')
   local stale = redis.call('ZRANGEBYSCORE', P .. ':ver', '-inf', '(' .. (v - max_lag))
   count_unsampled(stale)
+  local late = 0
+  for _, key in ipairs(stale) do
+    if redis.call('ZSCORE', P .. ':fresh', key) and redis.call('SISMEMBER', P .. ':offered', key) == 0 then
+      late = late + 1
+    end
+  end
+  if late > 0 then redis.call('HINCRBY', P .. ':stats', 'evicted_late', late) end
   for _, key in ipairs(stale) do remove(key) end
   if #stale > 0 then redis.call('HINCRBY', P .. ':stats', 'evicted_stale', #stale) end
 end
@@ -197,7 +206,10 @@ local v = tonumber(redis.call('GET', P .. ':version') or '0')
 local chosen, taken, last = {}, {}, {}
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', P .. ':ver', '-inf', v - max_lag)) do
   local seq = redis.call('ZSCORE', P .. ':fresh', key)
-  if seq then last[#last + 1] = {tonumber(seq), key} end
+  if seq then
+    last[#last + 1] = {tonumber(seq), key}
+    redis.call('SADD', P .. ':offered', key)
+  end
 end
 table.sort(last, function(a, b) return a[1] < b[1] end)
 for i = 1, math.min(#last, n_fresh + n_prio) do

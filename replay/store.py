@@ -55,6 +55,10 @@ class ReplayStats:
     evicted_unsampled: int = 0
     """Of the evicted groups, those no batch had drawn: generated and never trained on (the rate limiter's
     measure, rollout.max_ahead_batches)."""
+    evicted_late: int = 0
+    """Of the stale-evicted groups no batch drew, those no draw ever saw while they were valid: they arrived during
+    the learner step that made them stale (generated in more than max_policy_lag learner steps), too late for any
+    batch; a rate limit could not have saved them either."""
     stale_on_arrival: int = 0
     """Groups refused at insertion because their weights were already more than max_policy_lag versions behind
     the learner's (an actor that generates slower than the learner steps): counted here, never in `inserted`."""
@@ -66,9 +70,10 @@ class ReplayStats:
     def drawn_fraction(self) -> float:
         """Of the inserted groups whose fate is settled (drawn by a batch, or evicted before any batch drew them;
         fresh ones still wait), the share that was drawn: 1 - this is rollout work the replay let go stale. Groups
-        already stale when they arrived are not in it (`stale_on_arrival`): no rate limit could have saved them."""
-        settled = self.inserted - self.fresh
-        return 1.0 if settled <= 0 else (settled - self.evicted_unsampled) / settled
+        that came too late for any batch are not in it (`stale_on_arrival`, `evicted_late`): no rate limit could
+        have saved them; they measure generation that is slow against the learner and max_policy_lag."""
+        settled = self.inserted - self.fresh - self.evicted_late
+        return 1.0 if settled <= 0 else (settled - (self.evicted_unsampled - self.evicted_late)) / settled
 
 
 STAT_FIELDS = (
@@ -79,6 +84,7 @@ STAT_FIELDS = (
     "evicted_stale",
     "corrupt",
     "evicted_unsampled",
+    "evicted_late",
     "stale_on_arrival",
 )
 

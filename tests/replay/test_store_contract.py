@@ -222,14 +222,30 @@ def test_evictions_count_the_groups_no_batch_drew(make_store: Any) -> None:
     for nothing; one that was drawn once is not counted again when it leaves."""
     store = make_store(max_policy_lag=1, fresh_fraction=1.0, capacity=4, eviction="oldest")
     store.add([group(f"old{i}", version=0) for i in range(3)], [1.0] * 3)
-    store.sample(1)  # one of the three is drawn
+    store.set_policy_version(1)
+    store.sample(1)  # one of the three is drawn, on their last valid version
     store.set_policy_version(2)  # all three are stale now: two of them were never drawn
     stats = store.stats()
-    assert (stats.evicted_stale, stats.evicted_unsampled) == (3, 2)
+    assert (stats.evicted_stale, stats.evicted_unsampled, stats.evicted_late) == (3, 2, 0)
     store.add([group(f"new{i}", version=2) for i in range(6)], [1.0] * 6)  # 2 over capacity, both unsampled
     stats = store.stats()
     assert (stats.evicted_capacity, stats.evicted_unsampled, stats.fresh) == (2, 4, 4)
     assert stats.drawn_fraction == 1 / 5  # 1 drawn of the 5 whose fate is settled (4 are still fresh)
+
+
+def test_groups_that_arrive_too_late_for_any_batch_are_counted_apart(make_store: Any) -> None:
+    """A group that arrives on its last valid version while the learner is mid-step (no draw sees it before the
+    next version evicts it) came too late: evicted unsampled, but counted in evicted_late, outside the drawn share
+    (generation was slower than max_policy_lag learner steps; no rate limit could have helped)."""
+    store = make_store(max_policy_lag=1, fresh_fraction=1.0)
+    store.set_policy_version(3)
+    store.add([group("on-time", version=3)], [1.0])
+    store.sample(1)  # the learner's draw for version 3
+    store.add([group("late", version=2)], [1.0])  # arrives mid-step, on its last valid version
+    store.set_policy_version(4)
+    stats = store.stats()
+    assert (stats.evicted_stale, stats.evicted_unsampled, stats.evicted_late) == (1, 1, 1)
+    assert stats.drawn_fraction == 1.0  # the one group that had a chance was drawn
 
 
 def test_updated_priorities_change_what_is_sampled(make_store: Any) -> None:
