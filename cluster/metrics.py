@@ -198,7 +198,7 @@ class RunMetrics:
         )
         yield self._counter(
             "paceflow_replay_late_evicted_groups",
-            "Groups evicted stale before any draw could see them: generated in over replay.max_policy_lag steps",
+            "Groups evicted undrawn that arrived on their last valid version (generated in max_policy_lag steps)",
             s.get("evicted_late", 0),
         )
         yield self._counter(

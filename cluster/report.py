@@ -295,8 +295,8 @@ def _setup_lines(run_dir: Path, steps: Sequence[dict[str, Any]], summary: dict[s
         stats = ReplayStats(**{k: v for k, v in replay.items() if k in ReplayStats.__dataclass_fields__})
         lines.append(
             f"- replay: {stats.inserted} groups inserted, {stats.drawn_fraction:.0%} of those settled drawn by a "
-            f"batch ({stats.evicted_unsampled} evicted unsampled, of which {stats.evicted_late} came too late for any "
-            f"batch, {stats.fresh} still fresh at the end; {stats.stale_on_arrival} more refused as stale on "
+            f"batch ({stats.evicted_unsampled} evicted unsampled, of which {stats.evicted_late} arrived on their last "
+            f"valid version, {stats.fresh} still fresh at the end; {stats.stale_on_arrival} more refused as stale on "
             "arrival); rate "
             f"limit rollout.max_ahead_batches = {cfg['rollout'].get('max_ahead_batches')}, learner.sync = "
             f"{learner.get('sync')}"

@@ -61,7 +61,7 @@ class MemoryStore:
         self._times_sampled = np.zeros(cap, dtype=np.int64)
         self._weight = np.zeros(cap)  # sampling_weight(priority): kept per row, so a draw never recomputes it
         self._fresh: dict[str, None] = {}  # never-sampled keys, oldest first (insertion order = seq order)
-        self._offered: set[str] = set()  # fresh keys a draw saw on their last valid version (see _evict_stale)
+        self._at_bound: set[str] = set()  # keys that arrived on their last valid version (see _evict_stale)
         self._next_seq = 0
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._version_now = 0
@@ -113,9 +113,12 @@ class MemoryStore:
                     pid = group.prompt_id
                     self._prompt_correct[pid] = self._prompt_correct.get(pid, 0.0) + group.num_correct
                     self._prompt_total[pid] = self._prompt_total.get(pid, 0) + group.size
-                if self._version_now - group.policy_version > self.cfg.max_policy_lag:
+                lag = self._version_now - group.policy_version
+                if lag > self.cfg.max_policy_lag:
                     self._counts["stale_on_arrival"] += 1  # made by weights the learner has left behind
                     continue
+                if lag == self.cfg.max_policy_lag:
+                    self._at_bound.add(group.group_id)
                 payload = payload if payload is not None else encode_group(group)
                 self._insert(group.group_id, payload, float(priority), group.policy_version)
                 keys.append(group.group_id)
@@ -165,7 +168,7 @@ class MemoryStore:
             del self._row[key]
             del self._payloads[key]
             self._fresh.pop(key, None)
-            self._offered.discard(key)
+            self._at_bound.discard(key)
 
     def _evict_over_capacity(self) -> None:
         excess = len(self._keys) - self.cfg.capacity
@@ -184,7 +187,7 @@ class MemoryStore:
         stale = np.nonzero(self._version_now - self._version[:n] > self.cfg.max_policy_lag)[0]
         if len(stale):
             self._count_unsampled(stale)
-            late = [r for r in stale.tolist() if self._times_sampled[r] == 0 and self._keys[r] not in self._offered]
+            late = [r for r in stale.tolist() if self._times_sampled[r] == 0 and self._keys[r] in self._at_bound]
             self._counts["evicted_late"] += len(late)
             self._remove_rows(stale.tolist())
             self._counts["evicted_stale"] += len(stale)
@@ -253,9 +256,7 @@ class MemoryStore:
             # Last chance first: fresh groups the next weight version would evict as stale are drawn now, even
             # beyond the batch's fresh share, rather than generated for nothing.
             oldest_kept = self._version_now - self.cfg.max_policy_lag
-            at_risk = [k for k in self._fresh if self._version[self._row[k]] <= oldest_kept]
-            self._offered.update(at_risk)
-            last = at_risk[: n_fresh + n_prio]
+            last = [k for k in self._fresh if self._version[self._row[k]] <= oldest_kept][: n_fresh + n_prio]
             n_prio -= max(0, len(last) - n_fresh)
             n_fresh = max(n_fresh, len(last))
             in_order = iter(self._fresh) if self.cfg.fresh_order == "oldest" else reversed(self._fresh)

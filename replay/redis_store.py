@@ -10,7 +10,7 @@ Layout under the prefix `P = <key_prefix>:<run name>` (one run per prefix, so se
     P:q, P:qb    HASH key -> sampling weight q = max(priority, 1e-6)^a, and its bucket b = ceil(log2 q)
     P:b:<b>      SET of keys whose q lies in (2^(b-1), 2^b];  P:bc  HASH b -> count;  P:qsum  sum of q
     P:ns         HASH key -> times sampled;     P:stats  HASH counters;   P:version  learner's weight version
-    P:offered    SET of fresh keys a draw saw on their last valid version (the rest of the stale ones came too late)
+    P:atbound    SET of keys that arrived on their last valid version (lag = max_policy_lag: one draw to catch them)
     P:weights    the latest WeightVersion announcement (msgpack)
     P:pc, P:pt, P:pe   HASH prompt -> correct count, samples, accuracy estimate
     P:seen:<key> dedupe marker (expires), so a writer's retry never inserts a group twice
@@ -107,7 +107,7 @@ local function remove(key)
   redis.call('ZREM', P .. ':ver', key)
   redis.call('ZREM', P .. ':fresh', key)
   redis.call('HDEL', P .. ':ns', key)
-  redis.call('SREM', P .. ':offered', key)
+  redis.call('SREM', P .. ':atbound', key)
 end
 local function count_unsampled(keys)  -- evicted before any batch drew them: generated, never trained on
   local n = 0
@@ -122,7 +122,7 @@ local function evict_stale(max_lag)
   count_unsampled(stale)
   local late = 0
   for _, key in ipairs(stale) do
-    if redis.call('ZSCORE', P .. ':fresh', key) and redis.call('SISMEMBER', P .. ':offered', key) == 0 then
+    if redis.call('ZSCORE', P .. ':fresh', key) and redis.call('SISMEMBER', P .. ':atbound', key) == 1 then
       late = late + 1
     end
   end
@@ -162,6 +162,7 @@ for i = 0, n - 1 do
     redis.call('HSET', P .. ':ns', key, 0)
     index_add(key, tonumber(ARGV[a + 3]))
     inserted[#inserted + 1] = key
+    if tonumber(ARGV[a + 4]) == oldest_fresh then redis.call('SADD', P .. ':atbound', key) end
   end
 end
 redis.call('HINCRBY', P .. ':stats', 'inserted', #inserted)
@@ -206,10 +207,7 @@ local v = tonumber(redis.call('GET', P .. ':version') or '0')
 local chosen, taken, last = {}, {}, {}
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', P .. ':ver', '-inf', v - max_lag)) do
   local seq = redis.call('ZSCORE', P .. ':fresh', key)
-  if seq then
-    last[#last + 1] = {tonumber(seq), key}
-    redis.call('SADD', P .. ':offered', key)
-  end
+  if seq then last[#last + 1] = {tonumber(seq), key} end
 end
 table.sort(last, function(a, b) return a[1] < b[1] end)
 for i = 1, math.min(#last, n_fresh + n_prio) do

@@ -56,9 +56,9 @@ class ReplayStats:
     """Of the evicted groups, those no batch had drawn: generated and never trained on (the rate limiter's
     measure, rollout.max_ahead_batches)."""
     evicted_late: int = 0
-    """Of the stale-evicted groups no batch drew, those no draw ever saw while they were valid: they arrived during
-    the learner step that made them stale (generated in more than max_policy_lag learner steps), too late for any
-    batch; a rate limit could not have saved them either."""
+    """Of the stale-evicted groups no batch drew, those that arrived already on their last valid version (made
+    max_policy_lag versions ago: generated in as many learner steps), so that only the learner's very next draw
+    could take them; no rate limit could have helped."""
     stale_on_arrival: int = 0
     """Groups refused at insertion because their weights were already more than max_policy_lag versions behind
     the learner's (an actor that generates slower than the learner steps): counted here, never in `inserted`."""

@@ -234,18 +234,22 @@ def test_evictions_count_the_groups_no_batch_drew(make_store: Any) -> None:
 
 
 def test_groups_that_arrive_too_late_for_any_batch_are_counted_apart(make_store: Any) -> None:
-    """A group that arrives on its last valid version while the learner is mid-step (no draw sees it before the
-    next version evicts it) came too late: evicted unsampled, but counted in evicted_late, outside the drawn share
-    (generation was slower than max_policy_lag learner steps; no rate limit could have helped)."""
+    """A group that arrives on its last valid version (made max_policy_lag versions ago) can be caught by the
+    learner's next draw alone; if it arrives mid-step, the next version evicts it first. It came too late: evicted
+    unsampled, but counted in evicted_late, outside the drawn share (generation took max_policy_lag learner steps;
+    no rate limit could have helped). One that arrived a version earlier and was left undrawn is the replay's loss."""
     store = make_store(max_policy_lag=1, fresh_fraction=1.0)
     store.set_policy_version(3)
-    store.add([group("on-time", version=3)], [1.0])
-    store.sample(1)  # the learner's draw for version 3
+    store.add([group("on-time", version=3), group("waited", version=3)], [1.0, 1.0])
+    store.sample(1)  # the learner's draw for version 3 takes one of the two
     store.add([group("late", version=2)], [1.0])  # arrives mid-step, on its last valid version
     store.set_policy_version(4)
     stats = store.stats()
     assert (stats.evicted_stale, stats.evicted_unsampled, stats.evicted_late) == (1, 1, 1)
-    assert stats.drawn_fraction == 1.0  # the one group that had a chance was drawn
+    assert stats.drawn_fraction == 1.0  # of the groups with more than one chance, all drawn or still fresh
+    store.set_policy_version(5)  # the one left undrawn at version 3 goes stale: the replay's loss
+    stats = store.stats()
+    assert (stats.evicted_unsampled, stats.evicted_late, stats.drawn_fraction) == (2, 1, 0.5)
 
 
 def test_updated_priorities_change_what_is_sampled(make_store: Any) -> None:
