@@ -281,7 +281,7 @@ def _build(task_json: bytes) -> tuple[Task, dict[str, Prompt]]:
 
     from pydantic import TypeAdapter
 
-    from actors.tasks import build_task
+    from actors.tasks import build_task, math_verifier
     from configs.schema import TaskConfig
 
     task = build_task(TypeAdapter(TaskConfig).validate_json(task_json))
@@ -289,8 +289,9 @@ def _build(task_json: bytes) -> tuple[Task, dict[str, Prompt]]:
     if override:
         module, _, name = override.partition(":")
         task.verifier = getattr(importlib.import_module(module), name)
-    with contextlib.suppress(ImportError):  # paid here, once, rather than inside the first request's timeout
-        import math_verify  # noqa: F401
+    if task.verifier is math_verifier:  # paid here, once, rather than inside the first request's timeout
+        with contextlib.suppress(ImportError):
+            import math_verify  # noqa: F401
     return task, {p.prompt_id: p for p in [*task.train, *task.eval]}
 
 

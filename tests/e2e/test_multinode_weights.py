@@ -37,7 +37,7 @@ cfg = load_config("tiny_cpu", [
     f"model.cache_dir={sys.argv[2]}", f"output_dir={out}", f"cluster.address={cluster.address}",
     "cluster.learner_resources={num_cpus: 0.5, custom: {learner_node: 1}}",
     "cluster.rollout_resources={num_cpus: 0.25, custom: {rollout_node: 0.25}}",
-    "cluster.num_rollout_actors=2", "learner.num_steps=8", "eval.every_steps=4", "eval.num_prompts=4",
+    "cluster.num_rollout_actors=2", "learner.num_steps=12", "eval.every_steps=4", "eval.num_prompts=4",
     *sys.argv[3:],
 ])
 import ray
@@ -68,7 +68,9 @@ def test_actors_on_another_node_load_every_version(tmp_path: Path, transport: st
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
-    assert result["steps"] == 8 and result["evals"] == [0, 4, 8]
+    # 12 steps: at 8, a full suite once ended with an actor that had picked up no version (the likeliest cause, not
+    # pinned down: an actor still on its first batch, three raylets on two cores, while the tiny learner took all 8).
+    assert result["steps"] == 12 and result["evals"] == [0, 4, 8, 12]
     actors = result["actors"]
     assert len(actors) == 2 and all(a["error"] is None for a in actors)
     # Each actor ran on the rollout node, not the learner's, and loaded (and probe-verified) newer versions.
