@@ -194,9 +194,9 @@ def resolve_replay_password(cfg: RunConfig) -> RunConfig:
         return cfg
     from pydantic import SecretStr
 
-    from replay.redis_store import _password
+    from replay.redis_store import resolve_password
 
-    secret = SecretStr(_password(replay) or "")
+    secret = SecretStr(resolve_password(replay) or "")
     resolved = replay.model_copy(update={"password": secret, "password_env": None, "password_file": None})
     return cfg.model_copy(update={"replay": resolved})
 

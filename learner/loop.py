@@ -206,7 +206,7 @@ class Learner:
                     f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss: the policy itself has likely "
                     f"diverged (lower learner.lr, check learner.dtype); the last: {why}"
                 )
-            log.warning("step %d: no update, gradients dropped: %s", self.step_count + 1, why or "non-finite loss")
+            log.warning("step %d: no update, gradients dropped: %s", self.step_count + 1, why)
         if self.log_z_opt is not None:
             self.log_z_opt.zero_grad(set_to_none=True)
         self.step_count += 1

@@ -255,8 +255,11 @@ class MemoryStore:
                 return Draw.empty()
             # Last chance first: fresh groups the next weight version would evict as stale are drawn now, even
             # beyond the batch's fresh share, rather than generated for nothing.
+            # Vectorised over the rows (fresh = never sampled), oldest first, as the fresh queue orders them.
             oldest_kept = self._version_now - self.cfg.max_policy_lag
-            last = [k for k in self._fresh if self._version[self._row[k]] <= oldest_kept][: n_fresh + n_prio]
+            at_risk = np.nonzero((self._times_sampled[:n] == 0) & (self._version[:n] <= oldest_kept))[0]
+            at_risk = at_risk[np.argsort(self._seq[at_risk], kind="stable")]
+            last = [self._keys[r] for r in at_risk[: n_fresh + n_prio].tolist()]
             n_prio -= max(0, len(last) - n_fresh)
             n_fresh = max(n_fresh, len(last))
             in_order = iter(self._fresh) if self.cfg.fresh_order == "oldest" else reversed(self._fresh)

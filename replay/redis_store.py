@@ -318,7 +318,7 @@ return redis.call('HGETALL', meta)
 """
 
 
-def _password(cfg: RedisReplayConfig) -> str | None:
+def resolve_password(cfg: RedisReplayConfig) -> str | None:
     """The password from its one configured source, read in the calling process (never stored resolved)."""
     if cfg.password_env is not None:
         value = os.environ.get(cfg.password_env)
@@ -392,7 +392,7 @@ def connect(cfg: RedisReplayConfig) -> redis.Redis:
     """A client with password and TLS from the config that retries with exponential backoff on connection
     errors. Credentials, TLS and reachability are checked once up front, so a wrong password, certificate or
     address fails at once with an error naming the field instead of being retried for a minute."""
-    password = _password(cfg)
+    password = resolve_password(cfg)
     ca_file, cert_file, key_file = (_tls_file(cfg, f) for f in ("tls_ca_file", "tls_cert_file", "tls_key_file"))
 
     def client(retry: Retry, retry_on_error: list[type[Exception]] | None = None) -> redis.Redis:

@@ -214,6 +214,11 @@ def test_a_server_that_authenticates_clients_needs_their_certificate(mtls_server
     cfg = RedisReplayConfig(
         port=port, tls=True, tls_ca_file=pki.ca, tls_cert_file=pki.client_cert, tls_key_file=pki.client_key
     )
+    _stores_a_group(cfg)
+
+
+def _stores_a_group(cfg: RedisReplayConfig) -> None:
+    """A store of this config connects, takes a group and hands it back (then leaves the server as it was)."""
     store = RedisStore(cfg, run_name=run_name())
     try:
         g = group()
@@ -238,12 +243,7 @@ def test_the_password_comes_from_the_named_environment_variable(
     server, secret = password_server
     cfg = RedisReplayConfig(port=server.port, password_env=PASSWORD_VAR)
     monkeypatch.setenv(PASSWORD_VAR, secret)
-    store = RedisStore(cfg, run_name=run_name())
-    try:
-        assert store.add([group()], [1.0]) and len(store) == 1
-    finally:
-        store.clear()
-        store.close()
+    _stores_a_group(cfg)
 
     monkeypatch.setenv(PASSWORD_VAR, "not-the-password")
     with pytest.raises(ValueError, match=rf"^replay\.password_env: Redis at 127\.0\.0\.1:{server.port} refused"):
@@ -271,12 +271,7 @@ def test_a_config_naming_the_variable_never_holds_the_secret(
         assert secret not in dumped and PASSWORD_VAR in dumped
     worker = RunConfig.model_validate_json(cfg.to_worker_json()).replay
     assert worker.kind == "redis" and worker.password_env == PASSWORD_VAR and worker.password is None
-    store = RedisStore(worker, run_name=run_name())
-    try:
-        assert store.add([group()], [1.0]) and len(store) == 1
-    finally:
-        store.clear()
-        store.close()
+    _stores_a_group(worker)
 
 
 # -------------------------------------------------------------------------------------------- run identity
